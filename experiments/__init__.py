@@ -1,0 +1,1 @@
+"""absl experiment binaries and the benchmark record format."""

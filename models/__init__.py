@@ -1,0 +1,1 @@
+"""A Flax LLaMA written per tensor-parallel rank, its HF loader and its decode loops."""

@@ -1,0 +1,80 @@
+"""The model's one communication interface: all-reduce + residual add + RMSNorm.
+
+Every row-parallel output (o_proj, down_proj, the vocab-parallel embedding) leaves a
+rank-local partial sum. `Comm.reduce_add_norm(partial, residual, norm_w, state)` returns
+`(normed, new_residual, state)` with
+
+    new_residual = residual + all_reduce(partial)
+    normed       = rms_norm(new_residual) * norm_w
+
+Backends are chosen by name. A backend may keep per-rank state (a communication
+workspace, an epoch counter) that the decode loop carries and donates; the model never
+looks inside it. Kernels plug in by registering a `Backend`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm in f32, rounded once to x's dtype."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """An all-reduce implementation behind `Comm`.
+
+  reduce_add_norm(partial, residual, norm_w, eps, axis, state) -> (normed, residual, state)
+  init_state(mesh, axis, example, num_calls) -> per-rank state pytree (global arrays) or None
+  """
+
+  reduce_add_norm: Callable[..., tuple[jax.Array, jax.Array, Any]]
+  init_state: Callable[..., Any] = lambda *args, **kwargs: None
+  state_spec: Callable[[str], Any] = lambda axis: None
+
+
+def _xla_reduce_add_norm(partial, residual, norm_w, eps, axis, state):
+  total = lax.psum(partial, axis)
+  new_residual = (residual.astype(jnp.float32) + total.astype(jnp.float32)).astype(residual.dtype)
+  return rms_norm(new_residual, norm_w, eps), new_residual, state
+
+
+BACKENDS: dict[str, Backend] = {
+    "xla": Backend(reduce_add_norm=_xla_reduce_add_norm),
+}
+
+
+def register_backend(name: str, backend: Backend) -> None:
+  BACKENDS[name] = backend
+
+
+@dataclasses.dataclass(frozen=True)
+class Comm:
+  """Static (hashable) description of how a rank talks to its tensor-parallel peers."""
+
+  backend: str = "xla"
+  axis: str = "tp"
+  eps: float = 1e-5
+
+  def __post_init__(self):
+    if self.backend not in BACKENDS:
+      raise ValueError(f"unknown all-reduce backend {self.backend!r}; choose from {sorted(BACKENDS)}")
+
+  def reduce_add_norm(self, partial, residual, norm_w, state):
+    impl = BACKENDS[self.backend].reduce_add_norm
+    return impl(partial, residual, norm_w, self.eps, self.axis, state)
+
+  def rank(self) -> jax.Array:
+    return lax.axis_index(self.axis)
+
+  def size(self) -> int:
+    return lax.axis_size(self.axis)

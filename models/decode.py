@@ -1,0 +1,213 @@
+"""Sharded prefill, decode step and generation loops for a `Llama` on a `tp` mesh.
+
+Everything runs inside one `shard_map` per executable, so each rank executes the
+per-rank program of models/llama.py with explicit collectives. Two generation loops:
+
+- `jit`: the whole generation (prefill excluded) in one executable, a `lax.while_loop`
+  that stops at EOS or the token budget. XLA can lower it into one command buffer with a
+  device-side WHILE node (`--xla_gpu_enable_command_buffer=+WHILE`), so per-executable host
+  costs are paid once per generation instead of once per token.
+- `python`: a Python loop over one jitted, cache-donating decode step.
+
+Both produce the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from models import sharding
+from models.collectives import BACKENDS, Comm
+from models.config import LlamaConfig
+from models.llama import KVCache, Llama
+
+
+def _leaf_name(path) -> str:
+  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+  return str(names[-1])
+
+
+def state_specs(state: nnx.State) -> nnx.State:
+  """PartitionSpec for every parameter, from models/sharding.PARAM_SPECS."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: sharding.PARAM_SPECS[_leaf_name(p)], state)
+
+
+def abstract_model(config: LlamaConfig, tp: int) -> tuple[nnx.GraphDef, nnx.State]:
+  """Graph and parameter shapes of the model laid out for `tp` ranks; allocates nothing."""
+  sharding.check_tp(config, tp)
+  heads = sharding.HeadLayout.build(config.num_heads, config.num_kv_heads, tp)
+  return nnx.split(nnx.eval_shape(lambda: Llama(config, heads, nnx.Rngs(0))))
+
+
+def init_random(config: LlamaConfig, mesh: Mesh, seed: int = 0):
+  """Random weights created directly in their shards (no device holds the whole model)."""
+  tp = mesh.shape[sharding.TP]
+  graphdef, abstract = abstract_model(config, tp)
+  heads = sharding.HeadLayout.build(config.num_heads, config.num_kv_heads, tp)
+  out = jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(abstract))
+  make = jax.jit(lambda: nnx.split(Llama(config, heads, nnx.Rngs(seed)))[1], out_shardings=out)
+  return graphdef, make()
+
+
+class Decoder:
+  """Compiled prefill / decode / generate for one model, mesh, batch size and cache length."""
+
+  def __init__(self, config: LlamaConfig, graphdef: nnx.GraphDef, state: nnx.State, mesh: Mesh,
+               *, backend: str = "xla", max_len: int = 512):
+    self.config, self.graphdef, self.state, self.mesh = config, graphdef, state, mesh
+    self.tp = mesh.shape[sharding.TP]
+    self.max_len = max_len
+    self.comm = Comm(backend=backend, axis=sharding.TP, eps=self.config.rms_norm_eps)
+    self._specs = state_specs(state)
+    self._backend = BACKENDS[backend]
+    self._cache_specs = KVCache(
+        k=(sharding.CACHE_SPEC,) * self.config.num_layers,
+        v=(sharding.CACHE_SPEC,) * self.config.num_layers, lengths=P())
+    self._comm_specs = self._backend.state_spec(sharding.TP)
+
+  # ---- state -------------------------------------------------------------------------
+
+  def new_cache(self, batch: int) -> KVCache:
+    """An empty cache of `max_len` slots per row, sharded on KV heads."""
+    heads = sharding.HeadLayout.build(self.config.num_heads, self.config.num_kv_heads, self.tp)
+    shape = (batch, len(heads.kv_src), self.max_len, self.config.head_dim)
+    spec = NamedSharding(self.mesh, sharding.CACHE_SPEC)
+    zeros = jax.jit(lambda: jnp.zeros(shape, self.config.dtype), out_shardings=spec)
+    layers = self.config.num_layers
+    lengths = jax.device_put(jnp.zeros((batch,), jnp.int32), NamedSharding(self.mesh, P()))
+    return KVCache(tuple(zeros() for _ in range(layers)), tuple(zeros() for _ in range(layers)),
+                   lengths)
+
+  def new_comm_state(self, batch: int) -> Any:
+    """The all-reduce backend's per-rank state (None for `xla`)."""
+    example = jax.ShapeDtypeStruct((batch, 1, self.config.hidden_size), self.config.dtype)
+    return self._backend.init_state(self.mesh, sharding.TP, example)
+
+  # ---- per-rank programs -------------------------------------------------------------
+
+  def _model(self, state) -> Llama:
+    return nnx.merge(self.graphdef, state)
+
+  def _greedy(self, logits_bv: jax.Array) -> jax.Array:
+    """Global argmax over vocab-parallel logits: local best, then one small all-gather."""
+    v_local = logits_bv.shape[-1]
+    best = jnp.max(logits_bv, axis=-1)
+    idx = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32) + self.comm.rank() * v_local
+    all_best = lax.all_gather(best, sharding.TP, axis=1)  # (b, tp)
+    all_idx = lax.all_gather(idx, sharding.TP, axis=1)
+    winner = jnp.argmax(all_best, axis=1)  # first (lowest-vocab) rank on ties
+    return jnp.take_along_axis(all_idx, winner[:, None], axis=1)[:, 0]
+
+  def _prefill(self, state, cache, comm_state, tokens_bt, lengths_b):
+    t = tokens_bt.shape[1]
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_bt.shape)
+    logits, cache, comm_state = self._model(state)(
+        tokens_bt, pos, cache, self.comm, comm_state, prefill=True, logits_at=lengths_b - 1)
+    cache = cache._replace(lengths=lengths_b)
+    return self._greedy(logits[:, 0]), logits[:, 0], cache, comm_state
+
+  def _step(self, state, cache, comm_state, tokens_b):
+    pos = cache.lengths[:, None]
+    logits, cache, comm_state = self._model(state)(
+        tokens_b[:, None], pos, cache, self.comm, comm_state, prefill=False)
+    cache = cache._replace(lengths=cache.lengths + 1)
+    return self._greedy(logits[:, 0]), cache, comm_state
+
+  def _loop(self, state, cache, comm_state, first_b, *, steps: int, stop_at_eos: bool):
+    b = first_b.shape[0]
+    eos = self.config.eos_token_id
+
+    def cond(carry):
+      i, _, _, done, _, _ = carry
+      return (i < steps) & ~(stop_at_eos & jnp.all(done))
+
+    def body(carry):
+      i, out, tok, done, cache, comm_state = carry
+      nxt, cache, comm_state = self._step(state, cache, comm_state, tok)
+      nxt = jnp.where(done, eos, nxt)
+      out = lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+      return i + 1, out, nxt, done | (nxt == eos), cache, comm_state
+
+    out = jnp.full((b, steps), eos, jnp.int32)
+    carry = (jnp.int32(0), out, first_b, first_b == eos, cache, comm_state)
+    n, out, _, _, cache, comm_state = lax.while_loop(cond, body, carry)
+    return out, n, cache, comm_state
+
+  # ---- compiled entry points ---------------------------------------------------------
+
+  def _sharded(self, fn, in_specs, out_specs, donate):
+    mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                           check_vma=False)
+    return jax.jit(mapped, donate_argnums=donate)
+
+  @functools.cached_property
+  def prefill_fn(self):
+    """(state, cache, comm, tokens (b, t), lengths (b,)) -> (next (b,), logits (b, v), cache, comm)."""
+    specs = (self._specs, self._cache_specs, self._comm_specs, P(), P())
+    return self._sharded(self._prefill, specs,
+                         (P(), P(None, sharding.TP), self._cache_specs, self._comm_specs), (1, 2))
+
+  @functools.cached_property
+  def step_fn(self):
+    """(state, cache, comm, tokens (b,)) -> (next (b,), cache, comm); cache donated."""
+    specs = (self._specs, self._cache_specs, self._comm_specs, P())
+    return self._sharded(self._step, specs, (P(), self._cache_specs, self._comm_specs), (1, 2))
+
+  @functools.lru_cache(maxsize=None)
+  def loop_fn(self, steps: int, stop_at_eos: bool = True):
+    """(state, cache, comm, first (b,)) -> (tokens (b, steps), n, cache, comm), one executable."""
+    fn = functools.partial(self._loop, steps=steps, stop_at_eos=stop_at_eos)
+    specs = (self._specs, self._cache_specs, self._comm_specs, P())
+    return self._sharded(fn, specs, (P(), P(), self._cache_specs, self._comm_specs), (1, 2))
+
+  # ---- convenience -------------------------------------------------------------------
+
+  def prefill(self, cache, comm_state, prompts: list[list[int]], bucket: int | None = None):
+    """Prefill right-padded prompts of different lengths; returns (next, logits, cache, comm)."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    t = bucket or int(lengths.max())
+    if lengths.min() < 1 or lengths.max() > t or t > self.max_len:
+      raise ValueError(f"prompt lengths {lengths.tolist()} must lie in [1, {t}] and the padded"
+                       f" length {t} within the cache length {self.max_len}")
+    tokens = np.zeros((len(prompts), t), np.int32)
+    for row, p in enumerate(prompts):
+      tokens[row, :len(p)] = p
+    return self.prefill_fn(self.state, cache, comm_state, jnp.asarray(tokens), jnp.asarray(lengths))
+
+  def generate(self, prompts: list[list[int]], max_new_tokens: int, loop: str = "jit",
+               stop_at_eos: bool = True) -> np.ndarray:
+    """Greedy generation; returns (b, max_new_tokens) tokens (EOS-filled after the end)."""
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > self.max_len:
+      raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the"
+                       f" cache length {self.max_len}")
+    cache, comm = self.new_cache(len(prompts)), self.new_comm_state(len(prompts))
+    first, _, cache, comm = self.prefill(cache, comm, prompts)
+    if max_new_tokens == 1:
+      return np.asarray(first)[:, None]
+    if loop == "jit":
+      out, _, _, _ = self.loop_fn(max_new_tokens - 1, stop_at_eos)(self.state, cache, comm, first)
+      return np.concatenate([np.asarray(first)[:, None], np.asarray(out)], axis=1)
+    if loop != "python":
+      raise ValueError(f"loop must be 'jit' or 'python', found {loop!r}")
+    eos = self.config.eos_token_id
+    tokens, tok = [np.asarray(first)], first
+    done = tokens[0] == eos
+    for _ in range(max_new_tokens - 1):
+      if stop_at_eos and done.all():
+        tokens.append(np.full_like(tokens[0], eos))
+        continue
+      tok, cache, comm = self.step_fn(self.state, cache, comm, tok)
+      nxt = np.where(done, eos, np.asarray(tok))
+      done |= nxt == eos
+      tokens.append(nxt)
+      tok = jnp.asarray(nxt)
+    return np.stack(tokens, axis=1)

@@ -1,0 +1,1 @@
+"""Pallas Mosaic GPU kernels: peer-write all-reduce and fused communication kernels."""
