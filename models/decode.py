@@ -14,7 +14,9 @@ Both produce the same greedy tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 from typing import Any
 
 import jax
@@ -119,7 +121,7 @@ class Decoder:
     logits, cache, comm_state = self._model(state)(
         tokens_b[:, None], pos, cache, self.comm, comm_state, prefill=False)
     cache = cache._replace(lengths=cache.lengths + 1)
-    return self._greedy(logits[:, 0]), cache, comm_state
+    return self._greedy(logits[:, 0]), logits[:, 0], cache, comm_state
 
   def _loop(self, state, cache, comm_state, first_b, *, steps: int, stop_at_eos: bool):
     b = first_b.shape[0]
@@ -131,7 +133,7 @@ class Decoder:
 
     def body(carry):
       i, out, tok, done, cache, comm_state = carry
-      nxt, cache, comm_state = self._step(state, cache, comm_state, tok)
+      nxt, _, cache, comm_state = self._step(state, cache, comm_state, tok)
       nxt = jnp.where(done, eos, nxt)
       out = lax.dynamic_update_slice(out, nxt[:, None], (0, i))
       return i + 1, out, nxt, done | (nxt == eos), cache, comm_state
@@ -157,9 +159,10 @@ class Decoder:
 
   @functools.cached_property
   def step_fn(self):
-    """(state, cache, comm, tokens (b,)) -> (next (b,), cache, comm); cache donated."""
+    """(state, cache, comm, tokens (b,)) -> (next (b,), logits (b, v), cache, comm); donates."""
     specs = (self._specs, self._cache_specs, self._comm_specs, P())
-    return self._sharded(self._step, specs, (P(), self._cache_specs, self._comm_specs), (1, 2))
+    out = (P(), P(None, sharding.TP), self._cache_specs, self._comm_specs)
+    return self._sharded(self._step, specs, out, (1, 2))
 
   @functools.lru_cache(maxsize=None)
   def loop_fn(self, steps: int, stop_at_eos: bool = True):
@@ -183,31 +186,48 @@ class Decoder:
     return self.prefill_fn(self.state, cache, comm_state, jnp.asarray(tokens), jnp.asarray(lengths))
 
   def generate(self, prompts: list[list[int]], max_new_tokens: int, loop: str = "jit",
-               stop_at_eos: bool = True) -> np.ndarray:
-    """Greedy generation; returns (b, max_new_tokens) tokens (EOS-filled after the end)."""
+               stop_at_eos: bool = True) -> "Generation":
+    """Greedy generation of up to `max_new_tokens` per prompt, with host-side timings."""
+    if loop not in ("jit", "python"):
+      raise ValueError(f"loop must be 'jit' or 'python', found {loop!r}")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > self.max_len:
       raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the"
                        f" cache length {self.max_len}")
     cache, comm = self.new_cache(len(prompts)), self.new_comm_state(len(prompts))
+    start = time.perf_counter()
     first, _, cache, comm = self.prefill(cache, comm, prompts)
-    if max_new_tokens == 1:
-      return np.asarray(first)[:, None]
-    if loop == "jit":
-      out, _, _, _ = self.loop_fn(max_new_tokens - 1, stop_at_eos)(self.state, cache, comm, first)
-      return np.concatenate([np.asarray(first)[:, None], np.asarray(out)], axis=1)
-    if loop != "python":
-      raise ValueError(f"loop must be 'jit' or 'python', found {loop!r}")
-    eos = self.config.eos_token_id
-    tokens, tok = [np.asarray(first)], first
-    done = tokens[0] == eos
-    for _ in range(max_new_tokens - 1):
-      if stop_at_eos and done.all():
-        tokens.append(np.full_like(tokens[0], eos))
-        continue
-      tok, cache, comm = self.step_fn(self.state, cache, comm, tok)
-      nxt = np.where(done, eos, np.asarray(tok))
-      done |= nxt == eos
-      tokens.append(nxt)
-      tok = jnp.asarray(nxt)
-    return np.stack(tokens, axis=1)
+    tokens = [np.asarray(first)]
+    prefill_s = time.perf_counter() - start
+    steps_s: list[float] = []
+    if loop == "jit" and max_new_tokens > 1:
+      t0 = time.perf_counter()
+      out, n, _, _ = self.loop_fn(max_new_tokens - 1, stop_at_eos)(self.state, cache, comm, first)
+      tokens.extend(np.asarray(out).T)
+      n = int(n)
+      steps_s = [(time.perf_counter() - t0) / max(n, 1)] * n
+    elif loop == "python":
+      eos = self.config.eos_token_id
+      done, tok = tokens[0] == eos, first
+      for _ in range(max_new_tokens - 1):
+        if stop_at_eos and done.all():
+          break
+        t0 = time.perf_counter()
+        tok, _, cache, comm = self.step_fn(self.state, cache, comm, tok)
+        nxt = np.where(done, eos, np.asarray(tok))
+        steps_s.append(time.perf_counter() - t0)
+        done |= nxt == eos
+        tokens.append(nxt)
+        tok = jnp.asarray(nxt)
+    out = np.full((len(prompts), max_new_tokens), self.config.eos_token_id, np.int32)
+    out[:, :len(tokens)] = np.stack(tokens, axis=1)[:, :max_new_tokens]
+    return Generation(out, prefill_s, steps_s)
+
+
+@dataclasses.dataclass
+class Generation:
+  """Tokens (b, max_new_tokens), EOS-filled after each row's end, and host-side timings."""
+
+  tokens: np.ndarray
+  prefill_s: float  # prompt in, first token on the host
+  steps_s: list[float]  # one entry per decode step (jit loop: the loop's mean)

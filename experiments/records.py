@@ -1,0 +1,104 @@
+"""Benchmark records: one JSON file per run under experiments/results/<experiment>/.
+
+A record carries where and how it was measured (git sha, date, jax/jaxlib versions,
+device kind and count, XLA_FLAGS, the config) and `results`: a list of flat rows, one
+per measured configuration, with plain keys and numbers, so that all records of an
+experiment load as one table (`load_rows`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+from typing import Any, Iterable
+
+import numpy as np
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def summarize(samples: Iterable[float], prefix: str = "") -> dict[str, float]:
+  """median, P10, P90, P99, mean, min and count of timing samples, keys prefixed."""
+  x = np.asarray(list(samples), dtype=np.float64)
+  if x.size == 0:
+    raise ValueError("no samples to summarize")
+  stats = {"median": np.median(x), "p10": np.percentile(x, 10), "p90": np.percentile(x, 90),
+           "p99": np.percentile(x, 99), "mean": x.mean(), "min": x.min()}
+  out = {prefix + k: float(v) for k, v in stats.items()}
+  out[prefix + "n"] = int(x.size)
+  return out
+
+
+def _git_sha() -> str:
+  try:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return sha + ("-dirty" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    return os.environ.get("TPDECODE_GIT_SHA", "unknown")
+
+
+def environment() -> dict[str, Any]:
+  """Where this process runs: versions, devices, flags."""
+  import jax
+  import jaxlib
+
+  devices = jax.devices()
+  return {
+      "git_sha": _git_sha(),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "jax_version": jax.__version__,
+      "jaxlib_version": jaxlib.__version__,
+      "platform": devices[0].platform,
+      "device_kind": devices[0].device_kind,
+      "num_devices": len(devices),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "python": platform.python_version(),
+  }
+
+
+def write(experiment: str, config: dict[str, Any], results: list[dict[str, Any]],
+          extra: dict[str, Any] | None = None, root: pathlib.Path | None = None) -> pathlib.Path:
+  """Writes a record and returns its path. Rows must be flat (scalar values only)."""
+  for i, row in enumerate(results):
+    bad = {k: type(v).__name__ for k, v in row.items() if not isinstance(v, _SCALARS)}
+    if bad:
+      raise TypeError(f"results[{i}] is not flat: non-scalar values {bad}")
+  record = {"experiment": experiment, **environment(), "config": config, "results": results}
+  if extra:
+    record.update(extra)
+  directory = (root or RESULTS_DIR) / experiment
+  directory.mkdir(parents=True, exist_ok=True)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+  path = directory / f"{stamp}.json"
+  path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+  return path
+
+
+def load(experiment: str | None = None, root: pathlib.Path | None = None) -> list[dict[str, Any]]:
+  """All records (of one experiment, or all), oldest first, each with its `path`."""
+  root = root or RESULTS_DIR
+  pattern = f"{experiment}/*.json" if experiment else "*/*.json"
+  records = []
+  for path in sorted(root.glob(pattern)):
+    record = json.loads(path.read_text())
+    record["path"] = str(path.relative_to(root))
+    records.append(record)
+  return records
+
+
+def load_rows(experiment: str, root: pathlib.Path | None = None) -> list[dict[str, Any]]:
+  """Every result row of an experiment, each joined with its record's provenance."""
+  rows = []
+  for rec in load(experiment, root):
+    meta = {k: rec[k] for k in ("path", "git_sha", "date", "device_kind", "num_devices")}
+    rows.extend({**meta, **row} for row in rec["results"])
+  return rows

@@ -1,0 +1,76 @@
+"""Tensor parallelism on 8 fake CPU devices: TP=1/2/4/8 give TP=1's logits and tokens."""
+
+import jax
+import numpy as np
+import pytest
+
+from hf_fixtures import random_weights, tiny_config
+from model_helpers import decoder_from_weights, last_logits
+from models import sharding
+from models.config import preset
+from models.decode import abstract_model
+
+SMOLLM2_HEADS = tiny_config(num_attention_heads=9, num_key_value_heads=3, head_dim=8,
+                            hidden_size=36, tie_word_embeddings=True)
+CONFIGS = {"tiny": tiny_config(num_attention_heads=8, num_key_value_heads=2),
+           "smollm2_heads": SMOLLM2_HEADS}
+PROMPTS = [[5, 9, 11, 3], [7, 3, 8, 20, 33, 41, 12], [60]]
+
+
+@pytest.fixture(scope="module")
+def tp1(tmp_path_factory):
+  """TP=1 logits and tokens per config, computed once."""
+  out = {}
+  for name, config in CONFIGS.items():
+    weights = random_weights(config, seed=4)
+    dec = decoder_from_weights(tmp_path_factory.mktemp(name), config, weights)
+    out[name] = (weights, np.asarray(last_logits(dec, PROMPTS)),
+                 dec.generate(PROMPTS, 10, stop_at_eos=False).tokens)
+  return out
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_tp_matches_tp1(tmp_path, tp1, name, tp):
+  if len(jax.devices()) < tp:
+    pytest.skip(f"needs {tp} devices")
+  weights, logits1, tokens1 = tp1[name]
+  dec = decoder_from_weights(tmp_path, CONFIGS[name], weights, tp=tp)
+  np.testing.assert_allclose(np.asarray(last_logits(dec, PROMPTS)), logits1, rtol=2e-5, atol=2e-5)
+  for loop in ("jit", "python"):
+    np.testing.assert_array_equal(dec.generate(PROMPTS, 10, loop=loop, stop_at_eos=False).tokens,
+                                  tokens1)
+
+
+@pytest.mark.parametrize("heads,kv,tp", [(9, 3, 2), (9, 3, 4), (9, 3, 8), (32, 8, 8), (64, 8, 4),
+                                         (32, 32, 4), (4, 1, 8)])
+def test_head_layout_places_every_head_once_per_replica(heads, kv, tp):
+  layout = sharding.HeadLayout.build(heads, kv, tp)
+  group = heads // kv
+  assert len(layout.q_src) % tp == 0 and len(layout.kv_src) % tp == 0
+  assert sorted(h for h in layout.q_src if h >= 0) == list(range(heads))
+  assert set(h for h in layout.kv_src if h >= 0) == set(range(kv))
+  qpk = layout.q_per_rank // layout.kv_per_rank
+  for slot, head in enumerate(layout.q_src):  # every real q head sits next to its KV head
+    if head >= 0:
+      assert layout.kv_src[slot // qpk] == head // group
+
+
+def test_llama_shapes_need_no_padding():
+  for name, tp in [("llama2-7b", 8), ("llama3-8b", 8), ("llama3-70b", 8)]:
+    cfg = preset(name)
+    assert -1 not in sharding.HeadLayout.build(cfg.num_heads, cfg.num_kv_heads, tp).q_src
+
+
+def test_impossible_layout_names_the_numbers():
+  cfg = preset("tiny").replace(intermediate_size=100, vocab_size=250)
+  with pytest.raises(ValueError, match=r"intermediate_size 100 is not divisible by tp=8; "
+                                       r"vocab_size 250 is not divisible by tp=8"):
+    abstract_model(cfg, 8)
+
+
+def test_70b_shapes_build_without_allocating():
+  _, state = abstract_model(preset("llama3-70b"), 8)
+  leaves = jax.tree.leaves(state)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  assert sum(x.size for x in leaves) > 69e9
