@@ -43,7 +43,8 @@ class Backend:
 
 
 def _xla_reduce_add_norm(partial, residual, norm_w, eps, axis, state):
-  total = lax.psum(partial, axis)
+  with jax.named_scope("all_reduce"):
+    total = lax.psum(partial, axis)
   new_residual = (residual.astype(jnp.float32) + total.astype(jnp.float32)).astype(residual.dtype)
   return rms_norm(new_residual, norm_w, eps), new_residual, state
 

@@ -64,7 +64,8 @@ def apply_rope(x: jax.Array, pos_bt: jax.Array, inv_freq: jax.Array) -> jax.Arra
 
 
 def _dense(x, w):
-  return jnp.einsum("btd,df->btf", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  with jax.named_scope("matmul"):
+    return jnp.einsum("btd,df->btf", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _param(rngs: nnx.Rngs, shape, fan_in: int, dtype, row_mask=None) -> nnx.Param:
@@ -115,13 +116,14 @@ class Block(nnx.Module):
       k_bksh = write(k_bksh, k_new, pos_bt[:, 0])
       v_bksh = write(v_bksh, v_new, pos_bt[:, 0])
       keys, values, kv_pos = k_bksh, v_bksh, jnp.arange(k_bksh.shape[2])
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(hd)
-    visible = kv_pos[None, None, :] <= pos_bt[:, :, None]  # (b, t, s)
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, values, preferred_element_type=jnp.float32)
-    out = out.astype(x_btd.dtype).reshape(b, t, -1)
+    with jax.named_scope("attention"):
+      scores = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32)
+      scores = scores / math.sqrt(hd)
+      visible = kv_pos[None, None, :] <= pos_bt[:, :, None]  # (b, t, s)
+      scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+      probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+      out = jnp.einsum("bkgts,bksh->btkgh", probs, values, preferred_element_type=jnp.float32)
+      out = out.astype(x_btd.dtype).reshape(b, t, -1)
     return _dense(out, self.w_o[...]), k_bksh, v_bksh
 
   def mlp(self, x_btd):

@@ -10,6 +10,9 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 
+# f32 references compare at 1e-5: no TF32 matmuls when the suite runs on a GPU.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 def _num_gpus() -> int:
   try:

@@ -1,0 +1,91 @@
+"""Where decode time goes: GPU kernel times from a jax.profiler trace, by category.
+
+Kernels are classified by name (cuBLAS/cuBLASLt/CUTLASS GEMMs, NCCL and XLA collective
+kernels, Mosaic kernels) and otherwise by the JAX named scope recorded with them
+(`matmul`, `attention`, `all_reduce` in models/). Trace files stay out of git.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import os
+import re
+
+from jax import profiler
+
+CATEGORIES = ("all_reduce", "matmul", "attention", "other")
+_COMM = re.compile(r"nccl|all_?reduce|allreduce|psum|one_shot|two_shot|reduce_add_norm|"
+                   r"MultiGpuBarrier|collective|cross_device", re.I)
+_GEMM = re.compile(r"gemm|gemv|cublas|cutlass|xmma|nvjet|sm90_|matmul|triton_gemm", re.I)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  device: str
+  name: str
+  start_ns: float
+  dur_ns: float
+  scope: str
+
+
+def device_kernels(trace_dir: str) -> list[Kernel]:
+  """All GPU kernel events of the newest trace under `trace_dir`."""
+  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+                 key=os.path.getmtime)
+  if not paths:
+    raise FileNotFoundError(f"no .xplane.pb under {trace_dir}")
+  data = profiler.ProfileData.from_file(paths[-1])
+  out = []
+  for plane in data.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      if "memcpy" in line.name.lower() or not line.name.lower().startswith("stream"):
+        continue
+      for ev in line.events:
+        stats = dict(ev.stats)
+        scope = str(stats.get("tf_op", "") or stats.get("name", "") or "")
+        out.append(Kernel(plane.name, ev.name, ev.start_ns, ev.duration_ns, scope))
+  return out
+
+
+def classify(k: Kernel) -> str:
+  if _COMM.search(k.name) or "all_reduce" in k.scope:
+    return "all_reduce"
+  if _GEMM.search(k.name) or "/matmul" in k.scope:
+    return "matmul"
+  if "/attention" in k.scope:
+    return "attention"
+  return "other"
+
+
+def breakdown(kernels: list[Kernel], steps: int) -> dict[str, float]:
+  """Per-step GPU time by category in µs, averaged over devices (flat keys)."""
+  per_device = collections.defaultdict(lambda: collections.Counter())
+  for k in kernels:
+    per_device[k.device][classify(k)] += k.dur_ns
+  if not per_device:
+    return {}
+  out = {}
+  for cat in CATEGORIES:
+    out[f"gpu_{cat}_us"] = sum(c[cat] for c in per_device.values()) / len(per_device) / steps / 1e3
+  out["gpu_total_us"] = sum(out[f"gpu_{c}_us"] for c in CATEGORIES)
+  out["profiled_devices"] = len(per_device)
+  return out
+
+
+def top_kernels(kernels: list[Kernel], n: int = 15) -> list[tuple[str, str, float, int]]:
+  """(category, name, total µs, count) of the n most expensive kernel names on one device."""
+  if not kernels:
+    return []
+  first = kernels[0].device
+  agg = collections.defaultdict(lambda: [0.0, 0, ""])
+  for k in kernels:
+    if k.device == first:
+      agg[k.name][0] += k.dur_ns / 1e3
+      agg[k.name][1] += 1
+      agg[k.name][2] = classify(k)
+  rows = sorted(agg.items(), key=lambda kv: -kv[1][0])[:n]
+  return [(v[2], name, v[0], v[1]) for name, v in rows]
