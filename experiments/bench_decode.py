@@ -68,18 +68,18 @@ def main(argv):
   steps = _GEN.value - 1
 
   def timed(loop):
-    gen = decoder.generate(prompts, _GEN.value, loop=loop, stop_at_eos=False)
-    return gen.prefill_s, gen.steps_s
+    return decoder.generate(prompts, _GEN.value, loop=loop, stop_at_eos=False)
 
   rows, tokens = [], {}
   for loop in _LOOPS.value:
     timed(loop)  # compile + warm up
     samples, ttft = [], []
     for _ in range(_RUNS.value):
-      p, s = timed(loop)
-      ttft.append(p * 1e3)
-      samples.extend(np.array(s) * 1e3 if loop == "python" else [s[0] * 1e3])
-    tokens[loop] = decoder.generate(prompts, 8, loop=loop, stop_at_eos=False).tokens
+      gen = timed(loop)
+      ttft.append(gen.prefill_s * 1e3)
+      s = np.array(gen.steps_s) * 1e3
+      samples.extend(s if loop == "python" else s[:1])
+    tokens[loop] = gen.tokens
     stats = records.summarize(samples, "tpot_ms_")
     med = stats["tpot_ms_median"]
     row = {"model": _MODEL.value, "tp": _TP.value, "batch": _BATCH.value, "backend": _BACKEND.value,
@@ -101,11 +101,8 @@ def main(argv):
     trace_dir = _TRACE_DIR.value or tempfile.mkdtemp(prefix="decode_trace_")
     cache, comm = decoder.new_cache(_BATCH.value), decoder.new_comm_state(_BATCH.value)
     first, _, cache, comm = decoder.prefill(cache, comm, prompts)
-    n = 32
-    fn = decoder.loop_fn(n, False)
-    out = fn(decoder.state, decoder.new_cache(_BATCH.value), decoder.new_comm_state(_BATCH.value),
-             first)  # compile outside the trace
-    jax.block_until_ready(out)
+    n = steps
+    fn = decoder.loop_fn(n, False)  # compiled by the jit-loop timing above
     jax.profiler.start_trace(trace_dir)
     t0 = time.perf_counter()
     jax.block_until_ready(fn(decoder.state, cache, comm, first))

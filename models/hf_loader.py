@@ -106,7 +106,7 @@ def _to_model_layout(name: str, w: np.ndarray, heads: sharding.HeadLayout, hd: i
   if name == "model.embed_tokens.weight":
     return ("embed",), w
   if name == "lm_head.weight":
-    return ("lm_head",), w.T
+    return ("lm_head",), w
   if name == "model.norm.weight":
     return ("final_norm",), w
   _, _, layer, *rest = name.split(".")
@@ -117,15 +117,15 @@ def _to_model_layout(name: str, w: np.ndarray, heads: sharding.HeadLayout, hd: i
   if key == "post_attention_layernorm.weight":
     return ("layers", layer, "mlp_norm"), w
   if key == "self_attn.q_proj.weight":
-    return ("layers", layer, "w_q"), sharding.padded_rows(w, heads.q_src, hd).T
+    return ("layers", layer, "w_q"), sharding.padded_rows(w, heads.q_src, hd)
   if key in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
     leaf = "w_k" if key.startswith("self_attn.k") else "w_v"
-    return ("layers", layer, leaf), sharding.padded_rows(w, heads.kv_src, hd).T
+    return ("layers", layer, leaf), sharding.padded_rows(w, heads.kv_src, hd)
   if key == "self_attn.o_proj.weight":
-    return ("layers", layer, "w_o"), sharding.padded_rows(w.T, heads.q_src, hd)
+    return ("layers", layer, "w_o"), sharding.padded_rows(w.T, heads.q_src, hd).T
   leaf = {"mlp.gate_proj.weight": "w_gate", "mlp.up_proj.weight": "w_up",
           "mlp.down_proj.weight": "w_down"}[key]
-  return ("layers", layer, leaf), w.T
+  return ("layers", layer, leaf), w
 
 
 def load(directory: str | pathlib.Path, mesh: Mesh, dtype=jnp.bfloat16):

@@ -64,8 +64,11 @@ def apply_rope(x: jax.Array, pos_bt: jax.Array, inv_freq: jax.Array) -> jax.Arra
 
 
 def _dense(x, w):
+  """x (b, t, in) @ w.T for w stored (out, in): the contracted axis is the minor one, so a
+  batch-1 product that XLA strength-reduces to multiply + reduce is a fast row reduction
+  (docs/design.md, "Batch-1 matmuls")."""
   with jax.named_scope("matmul"):
-    return jnp.einsum("btd,df->btf", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.einsum("btd,nd->btn", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _param(rngs: nnx.Rngs, shape, fan_in: int, dtype, row_mask=None) -> nnx.Param:
@@ -87,14 +90,14 @@ class Block(nnx.Module):
     q_mask, kv_mask = _slot_mask(heads.q_src, hd), _slot_mask(heads.kv_src, hd)
     nq, nkv = len(heads.q_src) * hd, len(heads.kv_src) * hd
     self.attn_norm = nnx.Param(jnp.ones((d,), dt))
-    self.w_q = _param(rngs, (d, nq), d, dt, q_mask[None, :])
-    self.w_k = _param(rngs, (d, nkv), d, dt, kv_mask[None, :])
-    self.w_v = _param(rngs, (d, nkv), d, dt, kv_mask[None, :])
-    self.w_o = _param(rngs, (nq, d), config.num_heads * hd, dt, q_mask[:, None])
+    self.w_q = _param(rngs, (nq, d), d, dt, q_mask[:, None])
+    self.w_k = _param(rngs, (nkv, d), d, dt, kv_mask[:, None])
+    self.w_v = _param(rngs, (nkv, d), d, dt, kv_mask[:, None])
+    self.w_o = _param(rngs, (d, nq), config.num_heads * hd, dt, q_mask[None, :])
     self.mlp_norm = nnx.Param(jnp.ones((d,), dt))
-    self.w_gate = _param(rngs, (d, f), d, dt)
-    self.w_up = _param(rngs, (d, f), d, dt)
-    self.w_down = _param(rngs, (f, d), f, dt)
+    self.w_gate = _param(rngs, (f, d), d, dt)
+    self.w_up = _param(rngs, (f, d), d, dt)
+    self.w_down = _param(rngs, (d, f), f, dt)
     self.head_dim = hd
     self.q_per_kv = heads.q_per_rank // heads.kv_per_rank
 
@@ -142,7 +145,7 @@ class Llama(nnx.Module):
     self.embed = nnx.Param(jax.random.normal(rngs.params(), (v, d), jnp.float32).astype(dt))
     self.layers = nnx.List([Block(config, heads, rngs) for _ in range(config.num_layers)])
     self.final_norm = nnx.Param(jnp.ones((d,), dt))
-    self.lm_head = None if config.tie_word_embeddings else _param(rngs, (d, v), d, dt)
+    self.lm_head = None if config.tie_word_embeddings else _param(rngs, (v, d), d, dt)
 
   def embed_partial(self, tokens_bt: jax.Array, comm: Comm) -> jax.Array:
     """This rank's share of the embedding lookup (rows outside its vocab slice are 0)."""
@@ -154,9 +157,8 @@ class Llama(nnx.Module):
 
   def logits(self, x_btd: jax.Array) -> jax.Array:
     """The rank's vocab slice of the logits, in f32."""
-    if self.lm_head is None:
-      return jnp.einsum("btd,vd->btv", x_btd, self.embed[...], preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", x_btd, self.lm_head[...], preferred_element_type=jnp.float32)
+    w = self.embed if self.lm_head is None else self.lm_head
+    return jnp.einsum("btd,vd->btv", x_btd, w[...], preferred_element_type=jnp.float32)
 
   def __call__(self, tokens_bt, pos_bt, cache: KVCache, comm: Comm, comm_state: Any,
                *, prefill: bool, logits_at: jax.Array | None = None):

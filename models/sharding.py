@@ -23,17 +23,18 @@ from models.config import LlamaConfig
 TP = "tp"
 
 # Parameter name -> PartitionSpec of its global array. Names are the leaf names in
-# models/llama.py; shapes are noted as in the code (d model, f MLP, v vocab, n heads*head_dim).
+# models/llama.py. Matrices are stored (out, in) like HF's nn.Linear (d model, f MLP,
+# v vocab, n heads*head_dim).
 PARAM_SPECS: dict[str, P] = {
     "embed": P(TP, None),        # (v, d): vocab-parallel lookup, partial sums all-reduced
-    "lm_head": P(None, TP),      # (d, v): vocab-parallel logits
-    "w_q": P(None, TP),          # (d, n_q)
-    "w_k": P(None, TP),          # (d, n_kv)
-    "w_v": P(None, TP),          # (d, n_kv)
-    "w_o": P(TP, None),          # (n_q, d): row-parallel, output all-reduced
-    "w_gate": P(None, TP),       # (d, f)
-    "w_up": P(None, TP),         # (d, f)
-    "w_down": P(TP, None),       # (f, d): row-parallel, output all-reduced
+    "lm_head": P(TP, None),      # (v, d): vocab-parallel logits
+    "w_q": P(TP, None),          # (n_q, d): column-parallel
+    "w_k": P(TP, None),          # (n_kv, d)
+    "w_v": P(TP, None),          # (n_kv, d)
+    "w_o": P(None, TP),          # (d, n_q): row-parallel, output all-reduced
+    "w_gate": P(TP, None),       # (f, d)
+    "w_up": P(TP, None),         # (f, d)
+    "w_down": P(None, TP),       # (d, f): row-parallel, output all-reduced
     "attn_norm": P(None),
     "mlp_norm": P(None),
     "final_norm": P(None),
