@@ -7,11 +7,18 @@ import pathlib
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from models import hf_loader, smollm2
+from models import hf_loader
 from models.config import preset
 from models.decode import init_random
 
-REAL_WEIGHTS = {"smollm2-135m": smollm2.ensure_checkpoint}
+
+def _smollm2_dir() -> pathlib.Path:
+  from models import smollm2  # needs gguf, only for the one-time conversion
+
+  return smollm2.ensure_checkpoint()
+
+
+REAL_WEIGHTS = {"smollm2-135m": _smollm2_dir}
 
 
 def build(model: str, mesh: Mesh, checkpoint_dir: str | None = None, dtype=jnp.bfloat16,
