@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments import records, xla_env
 
@@ -56,8 +56,12 @@ def main(argv):
   from models.decode import Decoder
   from models.sharding import make_mesh
 
+  t_start = time.perf_counter()
+  log = lambda msg: print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
   mesh = make_mesh(_TP.value)
   config, graphdef, state, _ = factory.build(_MODEL.value, mesh)
+  jax.block_until_ready(state)
+  log(f"{_MODEL.value} weights ready, {config.weight_bytes / 1e9:.2f} GB at tp={_TP.value}")
   max_len = -(-(_PROMPT.value + _GEN.value) // 128) * 128
   decoder = Decoder(config, graphdef, state, mesh, backend=_BACKEND.value, max_len=max_len)
   rng = np.random.default_rng(0)
@@ -71,8 +75,10 @@ def main(argv):
     return decoder.generate(prompts, _GEN.value, loop=loop, stop_at_eos=False)
 
   rows, tokens = [], {}
+  log(f"copy bandwidth {copy_gbps:.0f} GB/s; HBM floor {floor_ms:.3f} ms per token")
   for loop in _LOOPS.value:
     timed(loop)  # compile + warm up
+    log(f"{loop} loop compiled and warm")
     samples, ttft = [], []
     for _ in range(_RUNS.value):
       gen = timed(loop)

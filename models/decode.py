@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from models import sharding
 from models.collectives import BACKENDS, Comm
 from models.config import LlamaConfig
-from models.llama import KVCache, Llama
+from models.llama import Block, KVCache, Llama
 
 
 def _leaf_name(path) -> str:
@@ -50,13 +50,30 @@ def abstract_model(config: LlamaConfig, tp: int) -> tuple[nnx.GraphDef, nnx.Stat
 
 
 def init_random(config: LlamaConfig, mesh: Mesh, seed: int = 0):
-  """Random weights created directly in their shards (no device holds the whole model)."""
+  """Random weights created directly in their shards (no device holds the whole model).
+
+  One jitted initializer per block, reused for every layer, keeps compile time flat in
+  the number of layers.
+  """
   tp = mesh.shape[sharding.TP]
   graphdef, abstract = abstract_model(config, tp)
   heads = sharding.HeadLayout.build(config.num_heads, config.num_kv_heads, tp)
-  out = jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(abstract))
-  make = jax.jit(lambda: nnx.split(Llama(config, heads, nnx.Rngs(seed)))[1], out_shardings=out)
-  return graphdef, make()
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(abstract))
+  flat_shardings = dict(nnx.to_flat_state(shardings))
+
+  def sharded_init(make, prefix):
+    abstract_part = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))))[1]
+    out = nnx.from_flat_state(
+        [(p, flat_shardings[prefix + p]) for p, _ in nnx.to_flat_state(abstract_part)])
+    return jax.jit(lambda key: nnx.split(make(key))[1], out_shardings=out)
+
+  key = jax.random.key(seed)
+  top = sharded_init(lambda k: Llama(config.replace(num_layers=0), heads, nnx.Rngs(k)), ())
+  block = sharded_init(lambda k: Block(config, heads, nnx.Rngs(k)), ("layers", 0))
+  flat = list(nnx.to_flat_state(top(jax.random.fold_in(key, config.num_layers))))
+  for i in range(config.num_layers):
+    flat += [(("layers", i) + p, v) for p, v in nnx.to_flat_state(block(jax.random.fold_in(key, i)))]
+  return graphdef, nnx.from_flat_state(flat)
 
 
 class Decoder:
