@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import all_reduce, workspace
+
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
   """RMSNorm in f32, rounded once to x's dtype."""
@@ -45,12 +47,43 @@ class Backend:
 def _xla_reduce_add_norm(partial, residual, norm_w, eps, axis, state):
   with jax.named_scope("all_reduce"):
     total = lax.psum(partial, axis)
+  return (*_add_norm(total, residual, norm_w, eps), state)
+
+
+def _add_norm(total, residual, norm_w, eps):
   new_residual = (residual.astype(jnp.float32) + total.astype(jnp.float32)).astype(residual.dtype)
-  return rms_norm(new_residual, norm_w, eps), new_residual, state
+  return rms_norm(new_residual, norm_w, eps), new_residual
+
+
+def _kernel_backend(method: str) -> Backend:
+  """A peer-write all-reduce kernel, then the residual add and RMSNorm in XLA.
+
+  The workspace is sized for one decode step's message (batch x hidden); larger messages
+  (prefill) go through lax.psum. The choice is static per shape, so every rank agrees.
+  """
+
+  def reduce_add_norm(partial, residual, norm_w, eps, axis, ws):
+    b, t, d = partial.shape
+    x = partial.reshape(b * t, d)
+    chosen = method if all_reduce.fits(x, ws) else "xla"
+    with jax.named_scope("all_reduce"):
+      total, ws = all_reduce.all_reduce(x, ws, axis, chosen)
+    return (*_add_norm(total.reshape(b, t, d), residual, norm_w, eps), ws)
+
+  def init_state(mesh, axis, example):
+    b, _, d = example.shape
+    n = mesh.shape[axis]
+    return workspace.init(mesh, axis, all_reduce.workspace_capacity(b, d, example.dtype, n),
+                          example.dtype)
+
+  return Backend(reduce_add_norm, init_state, workspace.spec)
 
 
 BACKENDS: dict[str, Backend] = {
     "xla": Backend(reduce_add_norm=_xla_reduce_add_norm),
+    "one_shot": _kernel_backend("one_shot"),
+    "two_shot": _kernel_backend("two_shot"),
+    "auto": _kernel_backend("auto"),
 }
 
 

@@ -74,3 +74,28 @@ def test_70b_shapes_build_without_allocating():
   leaves = jax.tree.leaves(state)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
   assert sum(x.size for x in leaves) > 69e9
+
+
+@pytest.mark.parametrize("backend", ["one_shot", "two_shot", "auto"])
+@pytest.mark.parametrize("tp", [2, 8])
+def test_kernel_backends_give_xla_tokens(tmp_path, tp1, backend, tp):
+  """On the CPU the kernels run their reference; the workspace threads through both loops."""
+  weights, _, tokens1 = tp1["tiny"]
+  dec = decoder_from_weights(tmp_path, CONFIGS["tiny"], weights, tp=tp, backend=backend)
+  for loop in ("jit", "python"):
+    np.testing.assert_array_equal(dec.generate(PROMPTS, 10, loop=loop, stop_at_eos=False).tokens,
+                                  tokens1)
+
+
+@pytest.mark.parametrize("backend", ["one_shot", "two_shot"])
+def test_decode_loop_lowers_for_cuda_with_kernels(tmp_path, tp1, backend):
+  """The whole jitted decode loop lowers for CUDA: one kernel per all-reduce, no multicast."""
+  from pallas_kernels import lowering_checks
+  weights = tp1["tiny"][0]
+  dec = decoder_from_weights(tmp_path, CONFIGS["tiny"], weights, tp=2, backend=backend)
+  cache, comm = dec.new_cache(2), dec.new_comm_state(2)
+  first = jax.numpy.zeros((2,), jax.numpy.int32)
+  text = lowering_checks.lower_for_cuda(dec.loop_fn(4, False), dec.state, cache, comm, first)
+  layers = CONFIGS["tiny"]["num_hidden_layers"]
+  assert len(lowering_checks.mosaic_calls(text)) == 2 * layers + 1  # per step, inside the loop
+  assert lowering_checks.multicast_uses(text) == []

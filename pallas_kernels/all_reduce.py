@@ -1,0 +1,118 @@
+"""`all_reduce`: a psum-like entry point over the peer-write kernels, for use in shard_map.
+
+    y, ws = all_reduce(x, ws, "tp", method="auto")
+
+`x` is this rank's (tokens, hidden) message; `ws` the persistent workspace
+(pallas_kernels.workspace), threaded through like any loop state. Methods:
+
+- `one_shot` (pallas_kernels/one_shot.py) and `two_shot` (pallas_kernels/two_shot.py);
+- `xla`: `lax.psum`, leaving the workspace untouched;
+- `auto`: picks by message size and TP degree from `THRESHOLDS`.
+
+Off the GPU the kernels are replaced by their pure-JAX reference (said once in the log),
+so models run unchanged on the CPU; lowering for CUDA still emits the kernels.
+"""
+
+from __future__ import annotations
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import common
+from pallas_kernels import one_shot as one_shot_lib
+from pallas_kernels import two_shot as two_shot_lib
+from pallas_kernels.workspace import Workspace
+
+METHODS = ("auto", "one_shot", "two_shot", "xla")
+MAX_TOKENS = 256
+MAX_HIDDEN = 16384
+
+# Largest message (bytes per rank) each kernel takes under `auto`, by TP degree. Initial
+# values follow XLA's built-in NVLink kernel (one-shot up to 256 KiB, two-shot up to a few
+# MiB; docs/allreduce.md); experiments/bench_allreduce.py measures the crossover points.
+THRESHOLDS: dict[int, tuple[int, int]] = {
+    2: (256 << 10, 4 << 20),
+    4: (256 << 10, 2 << 20),
+    8: (128 << 10, 2 << 20),
+}
+
+_KERNELS = {"one_shot": (one_shot_lib.one_shot, one_shot_lib.reference),
+            "two_shot": (two_shot_lib.two_shot, two_shot_lib.reference)}
+_warned_cpu = False
+
+
+def workspace_capacity(tokens: int, hidden: int, dtype, n: int,
+                       config: common.Config = common.Config()) -> int:
+  """Workspace elements that carry a (tokens, hidden) message through either kernel."""
+  quantum = config.chunk(dtype) * n
+  return -(-tokens * hidden // quantum) * quantum
+
+
+def fits(x: jax.Array, ws: Workspace) -> bool:
+  """Whether the kernels can carry `x` through `ws` (the model sends larger messages to psum)."""
+  n = ws.slots.shape[1]
+  return workspace_capacity(*x.shape, x.dtype, n) <= ws.slots.shape[-1]
+
+
+def select(nbytes: int, n: int) -> str:
+  """The method `auto` uses for a message of `nbytes` per rank over `n` ranks."""
+  one, two = THRESHOLDS.get(n, THRESHOLDS[max(THRESHOLDS)])
+  if nbytes <= one:
+    return "one_shot"
+  if nbytes <= two:
+    return "two_shot"
+  return "xla"
+
+
+def check(x: jax.Array, axis: str, method: str) -> int:
+  """Validates a call before anything is traced into a kernel; returns the axis size."""
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, found {method!r}")
+  try:
+    n = lax.axis_size(axis)
+  except NameError as e:
+    raise ValueError(f"axis {axis!r} is not a mesh axis of the enclosing shard_map") from e
+  if jnp.dtype(x.dtype) not in common.SUPPORTED_DTYPES:
+    raise ValueError(f"all_reduce supports bfloat16 and float32, found {x.dtype}")
+  if x.ndim != 2:
+    raise ValueError(f"all_reduce takes a (tokens, hidden) message, found shape {x.shape}")
+  tokens, hidden = x.shape
+  if method in _KERNELS and not (1 <= tokens <= MAX_TOKENS and 1 <= hidden <= MAX_HIDDEN):
+    raise ValueError(f"the {method} kernel takes 1..{MAX_TOKENS} tokens and hidden sizes up to"
+                     f" {MAX_HIDDEN}, found ({tokens}, {hidden})")
+  if n not in (1, 2, 4, 8) and method in _KERNELS:
+    raise ValueError(f"the {method} kernel runs on 2, 4 or 8 ranks, found {n}")
+  return n
+
+
+def _reference_note(method: str):
+  global _warned_cpu
+  if not _warned_cpu and jax.default_backend() != "gpu":
+    logging.warning("all_reduce(%s): no CUDA GPU; running the pure-JAX reference of the kernel",
+                    method)
+    _warned_cpu = True
+
+
+def all_reduce(x: jax.Array, ws: Workspace, axis: str, method: str = "auto"):
+  """Sum of `x` over `axis`; returns (result, workspace). Call inside shard_map."""
+  n = check(x, axis, method)
+  if method == "auto":
+    tokens, hidden = x.shape
+    fits = tokens <= MAX_TOKENS and hidden <= MAX_HIDDEN
+    method = select(x.size * x.dtype.itemsize, n) if fits else "xla"
+  if n == 1:
+    return x, ws
+  if method == "xla":
+    return lax.psum(x, axis), ws
+  kernel, reference = _KERNELS[method]
+  _reference_note(method)
+
+  def on_gpu(x, ws):
+    return kernel(x, ws, axis)
+
+  def elsewhere(x, ws):  # same state semantics: the epoch advances, the buffers stay
+    return reference(x, axis), ws._replace(epoch=ws.epoch + 1)
+
+  return lax.platform_dependent(x, ws, cuda=on_gpu, default=elsewhere)

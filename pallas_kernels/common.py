@@ -1,0 +1,62 @@
+"""Pieces shared by the peer-write all-reduce kernels: tiling, padding, signals, reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.workspace import MAX_BLOCKS, Workspace
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+THREADS = 128  # one warpgroup per block
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Tiling: one chunk is THREADS x `vectors` 16-byte vectors; blocks split the chunks."""
+
+  vectors: int = 2
+  max_blocks: int = 16
+
+  def chunk(self, dtype) -> int:
+    return THREADS * self.vectors * 16 // jnp.dtype(dtype).itemsize
+
+  def grid(self, chunks: int) -> tuple[int, int]:
+    """(blocks, chunks per block): the most blocks <= max_blocks that divide `chunks`."""
+    limit = min(self.max_blocks, MAX_BLOCKS, chunks)
+    blocks = max(b for b in range(1, limit + 1) if chunks % b == 0)
+    return blocks, chunks // blocks
+
+
+def reference(x: jax.Array, axis: str) -> jax.Array:
+  """The kernels' numerics: f32 sum in rank order, rounded once (same on every rank)."""
+  parts = lax.all_gather(x, axis)
+  acc = parts[0].astype(jnp.float32)
+  for i in range(1, parts.shape[0]):
+    acc = acc + parts[i].astype(jnp.float32)
+  return acc.astype(x.dtype)
+
+
+def flatten_padded(x: jax.Array, ws: Workspace, n: int, quantum: int) -> jax.Array:
+  """x as a flat message zero-padded to a multiple of `quantum`; checks it fits `ws`."""
+  size = -(-x.size // quantum) * quantum
+  if size > ws.slots.shape[-1] or ws.slots.shape[:2] != (2, n) or ws.slots.dtype != x.dtype:
+    raise ValueError(f"workspace slots {ws.slots.shape} {ws.slots.dtype} cannot carry a message"
+                     f" of {x.size} {x.dtype} elements (padded to {size}) over {n} ranks")
+  flat = x.reshape(-1)
+  return jnp.pad(flat, (0, size - x.size)) if size != x.size else flat
+
+
+def signals(epoch: jax.Array) -> jax.Array:
+  """Flag values of call `epoch`: (2e - 1, 2e), one per phase. Every kernel publishes 2e last,
+  so flag words grow monotonically whichever kernels share the workspace."""
+  return jnp.concatenate([2 * epoch - 1, 2 * epoch])
+
+
+def out_types(size: int, ws: Workspace):
+  return (jax.ShapeDtypeStruct((size,), ws.slots.dtype),
+          jax.ShapeDtypeStruct(ws.slots.shape, ws.slots.dtype),
+          jax.ShapeDtypeStruct(ws.flags.shape, jnp.int32))

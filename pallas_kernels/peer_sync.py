@@ -1,0 +1,92 @@
+"""Building blocks shared by the peer-writing kernels (jax 0.11.2 Mosaic GPU).
+
+- `aliased_kernel`: a Mosaic GPU kernel whose workspace inputs are aliased to outputs, so
+  it runs in place on a buffer that lives across calls. `plgpu.kernel` has no alias
+  argument in 0.11.2; the private `_mpmd_map` under it does. Private APIs move between
+  releases, so they are used here and nowhere else.
+- `epoch_flag_exchange`: the barrier-free publish/acquire of epoch flags. After all
+  threads of a warpgroup have stored their data into peers, one thread issues a
+  system-scope release fence and a strong store of the epoch into its flag on every peer;
+  it then spins on strong system-scope loads of its own flags until every peer's flag
+  reached the epoch, and issues an acquire fence. Flags only grow, so nothing is ever
+  reset and no memset or cross-GPU barrier kernel is needed (docs/allreduce.md).
+
+No NVLink multicast is used anywhere: only plain peer stores and loads.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+from jax._src import config as _jax_config
+from jax._src.pallas import mpmd as _mpmd
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, llvm, memref, scf
+
+_utils = mgpu.utils
+
+
+def aliased_kernel(body: Callable[..., None], out_types: Sequence[jax.ShapeDtypeStruct], *,
+                   num_blocks: int, aliases: dict[int, int], name: str,
+                   skip_device_barrier: bool = True) -> Callable[..., tuple[jax.Array, ...]]:
+  """A grid of `num_blocks` single-warpgroup blocks running `body(*in_refs, *out_refs)`.
+
+  `aliases` maps input positions to output positions that share their buffer. With
+  `skip_device_barrier`, XLA does not insert its cross-GPU barrier kernel before the call:
+  only for kernels whose protocol needs none (epoch flags in an aliased workspace).
+  """
+  mesh = plgpu.Mesh(grid=(num_blocks,), grid_names=("blocks",), kernel_name=name)
+  call = _mpmd._mpmd_map(
+      [(mesh, body)], tuple(out_types), input_output_aliases=aliases,
+      compiler_params=plgpu.CompilerParams(skip_device_barrier=skip_device_barrier), name=name)
+
+  def run(*args):
+    with _jax_config._check_vma(False):  # as plgpu.kernel does: kernels see per-rank values
+      return call(*args)
+
+  return run
+
+
+def _element_ptr(ref, index: int):
+  """Generic pointer to int32 element `index` of a contiguous memref."""
+  i64 = ir.IntegerType.get_signless(64)
+  base = _utils.memref_ptr(ref)
+  addr = llvm.add(llvm.ptrtoint(i64, base), _utils.c(4 * index, i64),
+                  overflow_flags=llvm.IntegerOverflowFlags.none)
+  return llvm.inttoptr(base.type, addr)
+
+
+def epoch_flag_exchange(num_ranks: int):
+  """Returns f(epoch_ref (1,), my_flags (n,), *flag_on_peer (1,) x n) for use in a kernel body.
+
+  `my_flags[p]` is where rank p signals this rank; `flag_on_peer[k]` is this rank's flag in
+  peer k's memory (a `plgpu.remote_ref`). Every thread of the warpgroup must call it after
+  issuing its peer stores; when it returns, every peer's stores of this epoch are visible.
+  """
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * (2 + num_ranks))
+  def exchange(ctx, epoch_ref, my_flags, *flag_on_peer):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    epoch = memref.load(epoch_ref, [_utils.c(0, ir.IndexType.get())])
+    _utils.warpgroup_barrier()  # every thread's data stores are issued
+    with _utils.single_thread(_utils.ThreadSubset.WARPGROUP):
+      _utils.inline_ptx("fence.acq_rel.sys;", has_side_effects=True)  # release
+      for ref in flag_on_peer:
+        _utils.inline_ptx("st.relaxed.sys.global.b32 [$0], $1;", _element_ptr(ref, 0), epoch,
+                          has_side_effects=True)
+      for p in range(num_ranks):  # acquire: wait until rank p published this epoch
+        spin = scf.WhileOp([], [])
+        with ir.InsertionPoint(spin.before.blocks.append()):
+          seen = _utils.inline_ptx("ld.relaxed.sys.global.b32 $0, [$1];", _element_ptr(my_flags, p),
+                                   result_types=i32, has_side_effects=True)
+          scf.condition(arith.cmpi(arith.CmpIPredicate.ult, seen, epoch), [])
+        with ir.InsertionPoint(spin.after.blocks.append()):
+          scf.yield_([])
+      _utils.inline_ptx("fence.acq_rel.sys;", has_side_effects=True)
+    _utils.warpgroup_barrier()
+
+  return exchange

@@ -1,0 +1,69 @@
+"""The persistent communication workspace of the peer-writing all-reduce kernels.
+
+Per rank: `slots` (2, n, capacity) receive the peers' data, double-buffered by epoch
+parity; `flags` (max_blocks, 2, n) int32 hold, per grid block and parity, the last epoch
+each peer published; `epoch` (1,) int32 counts calls (identical on every rank, +1 per
+call, starting at 1 on the first call).
+
+The workspace must be the same device buffer in every call: it is a kernel input aliased
+to an output, donated through jit and carried through loops. It is created zeroed and
+complete on every GPU before any kernel runs, which is what makes skipping XLA's
+cross-GPU barrier safe from the first call on.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MAX_BLOCKS = 32  # flag rows per rank: the largest grid any kernel config may use
+
+
+class Workspace(NamedTuple):
+  slots: jax.Array
+  flags: jax.Array
+  epoch: jax.Array
+
+
+def spec(axis: str) -> Workspace:
+  """PartitionSpecs of the global workspace: every array is split on its leading axis."""
+  return Workspace(P(axis), P(axis), P(axis))
+
+
+def check_mesh(mesh: Mesh, axis: str) -> int:
+  """Checks that `axis` is a mesh axis over the local devices in order; returns its size."""
+  if axis not in mesh.axis_names:
+    raise ValueError(f"axis {axis!r} is not an axis of the mesh {mesh.axis_names}")
+  if mesh.devices.ndim != 1:
+    raise ValueError(f"the all-reduce kernels need a 1-D mesh over {axis!r}, found shape "
+                     f"{dict(mesh.shape)}")
+  devices = list(mesh.devices.flat)
+  local = jax.local_devices(backend=devices[0].platform)
+  if devices != local[:len(devices)]:
+    raise ValueError("the mesh must be the first local devices in jax.devices() order, found "
+                     f"{[d.id for d in devices]} (local: {[d.id for d in local]})")
+  return len(devices)
+
+
+def init(mesh: Mesh, axis: str, capacity: int, dtype) -> Workspace:
+  """A zeroed workspace for messages of up to `capacity` elements, ready on every device."""
+  n = check_mesh(mesh, axis)
+  dtype = jnp.dtype(dtype)
+  shapes = Workspace(slots=((n * 2, n, capacity), dtype),
+                     flags=((n * MAX_BLOCKS, 2, n), jnp.int32),
+                     epoch=((n,), jnp.int32))
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), spec(axis))
+  make = jax.jit(lambda: Workspace(*(jnp.zeros(s, d) for s, d in shapes)), out_shardings=shardings)
+  ws = make()
+  jax.block_until_ready(ws)  # flags are zero on every GPU before any kernel starts
+  return ws
+
+
+def capacity_for(shape: tuple[int, ...], quantum: int) -> int:
+  """Elements needed for a message of `shape`, rounded up to the kernels' tiling quantum."""
+  size = int(np.prod(shape))
+  return -(-size // quantum) * quantum

@@ -1,0 +1,168 @@
+"""Peer-write all-reduce: reference semantics, CUDA lowering on 2/4/8 fake devices, the
+multicast guard, input validation, and the model backends on the CPU reference path."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.sharding import Mesh, PartitionSpec as P
+
+from pallas_kernels import all_reduce, lowering_checks, workspace
+
+METHODS = ["one_shot", "two_shot", "auto", "xla"]
+
+
+def _mesh(n, devices=None):
+  return Mesh(np.array(devices or jax.devices()[:n]), ("tp",))
+
+
+def _fn(mesh, method):
+  def f(x, ws):
+    return all_reduce.all_reduce(x, ws, "tp", method)
+  spec = workspace.spec("tp")
+  return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("tp"), spec), out_specs=(P("tp"), spec),
+                               check_vma=False), donate_argnums=1)
+
+
+def _ws_avals(n, tokens, hidden, dtype):
+  cap = all_reduce.workspace_capacity(tokens, hidden, dtype, n)
+  return workspace.Workspace(jax.ShapeDtypeStruct((n * 2, n, cap), dtype),
+                             jax.ShapeDtypeStruct((n * workspace.MAX_BLOCKS, 2, n), jnp.int32),
+                             jax.ShapeDtypeStruct((n,), jnp.int32))
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape,dtype", [((1, 4096), jnp.float32), ((5, 576), jnp.bfloat16),
+                                         ((16, 2048), jnp.bfloat16)])
+def test_reference_path_matches_rank_order_sum(n, method, shape, dtype):
+  mesh = _mesh(n)
+  rng = np.random.default_rng(n)
+  x = rng.normal(size=(n * shape[0], shape[1])).astype(np.float32)
+  xj = jnp.asarray(x, dtype)
+  ws = workspace.init(mesh, "tp", all_reduce.workspace_capacity(*shape, dtype, n), dtype)
+  f = _fn(mesh, method)
+  y, ws = f(xj, ws)
+  y2, ws = f(xj, ws)  # the workspace threads through: a second call works and advances
+  parts = np.asarray(xj, np.float32).reshape(n, *shape)
+  exact = parts[0].copy()
+  for p in parts[1:]:
+    exact += p
+  expected = np.tile(np.asarray(jnp.asarray(exact, dtype), np.float32), (n, 1))
+  if method == "xla":  # psum's own summation order
+    np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=2e-2, atol=2e-2)
+  else:
+    np.testing.assert_array_equal(np.asarray(y, np.float32), expected)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y2))
+  kernel_calls = 0 if method == "xla" else 2
+  assert np.asarray(ws.epoch).tolist() == [kernel_calls] * n
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("method", ["one_shot", "two_shot"])
+@pytest.mark.parametrize("shape,dtype", [((1, 4096), jnp.bfloat16), ((3, 576), jnp.bfloat16),
+                                         ((256, 16384), jnp.bfloat16), ((8, 8192), jnp.float32)])
+def test_kernels_lower_for_cuda_without_multicast(n, method, shape, dtype):
+  mesh = _mesh(n)
+  x = jax.ShapeDtypeStruct((n * shape[0], shape[1]), dtype)
+  text = lowering_checks.lower_for_cuda(_fn(mesh, method), x, _ws_avals(n, *shape, dtype))
+  calls = lowering_checks.mosaic_calls(text)
+  assert len(calls) == 1, "exactly one kernel, and not the CPU reference"
+  assert "output_operand_aliases" in calls[0], "the workspace must be aliased in place"
+  assert "skip_device_barrier = true" in calls[0] or "skip_device_barrier=true" in calls[0].replace(" ", "")
+  assert lowering_checks.multicast_uses(text) == []
+
+
+def test_multicast_guard_detects_multimem():
+  """Negative control: a kernel that uses multimem (lowered only, never run) is caught."""
+  mesh = _mesh(2)
+
+  def body(x_ref, y_ref):
+    plgpu.multimem_store(x_ref[...], y_ref, ("tp",))
+
+  def f(x):
+    k = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((128,), jnp.float32))
+    return k(x)
+
+  g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("tp"), out_specs=P("tp"), check_vma=False))
+  text = lowering_checks.lower_for_cuda(g, jax.ShapeDtypeStruct((256,), jnp.float32))
+  assert lowering_checks.multicast_uses(text)
+
+
+FORBIDDEN = ("multimem_store", "multimem_load_reduce", "multicast_ref", "semaphore_signal_multicast",
+             "all_gather_mgpu", "reduce_scatter_mgpu")
+
+
+def test_no_multicast_api_in_package_sources():
+  root = pathlib.Path(__file__).resolve().parent.parent
+  for path in list((root / "pallas_kernels").rglob("*.py")) + list((root / "models").rglob("*.py")) + \
+      list((root / "experiments").rglob("*.py")):
+    text = path.read_text()
+    assert not [f for f in FORBIDDEN if f in text], path
+
+
+def test_nvls_stays_off_in_benchmarks():
+  import os
+  from experiments import xla_env
+  xla_env.apply()
+  assert os.environ["NCCL_NVLS_ENABLE"] == "0"
+
+
+@pytest.mark.parametrize("x,method,message", [
+    (jnp.zeros((2, 64), jnp.float16), "one_shot", "supports bfloat16 and float32, found float16"),
+    (jnp.zeros((2, 64), jnp.int32), "auto", "supports bfloat16 and float32, found int32"),
+    (jnp.zeros((2, 2, 64), jnp.bfloat16), "one_shot", r"takes a \(tokens, hidden\) message"),
+    (jnp.zeros((600, 64), jnp.bfloat16), "two_shot", r"takes 1..256 tokens .* found \(300, 64\)"),
+    (jnp.zeros((2, 20000), jnp.bfloat16), "one_shot", "hidden sizes up to 16384"),
+    (jnp.zeros((2, 64), jnp.bfloat16), "ring", "method must be one of"),
+])
+def test_bad_input_is_rejected_before_launch(x, method, message):
+  mesh = _mesh(2)
+  dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float32) else jnp.bfloat16
+  ws = workspace.init(mesh, "tp", 1 << 16, dtype)
+  with pytest.raises(ValueError, match=message):
+    _fn(mesh, method)(x, ws)
+
+
+def test_axis_not_in_mesh():
+  mesh = _mesh(2)
+  ws = workspace.init(mesh, "tp", 1 << 14, jnp.bfloat16)
+
+  def f(x, ws):
+    return all_reduce.all_reduce(x, ws, "model", "one_shot")
+  spec = workspace.spec("tp")
+  g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("tp"), spec), out_specs=(P("tp"), spec)))
+  with pytest.raises(ValueError, match="axis 'model' is not a mesh axis"):
+    g(jnp.zeros((2, 64), jnp.bfloat16), ws)
+
+
+def test_three_ranks_rejected_for_kernels():
+  mesh = _mesh(3)
+  ws = workspace.init(mesh, "tp", 1 << 14, jnp.bfloat16)
+  with pytest.raises(ValueError, match="runs on 2, 4 or 8 ranks, found 3"):
+    _fn(mesh, "one_shot")(jnp.zeros((3, 64), jnp.bfloat16), ws)
+
+
+def test_mesh_must_be_local_devices_in_order():
+  devs = jax.devices()
+  with pytest.raises(ValueError, match="first local devices in jax.devices\\(\\) order"):
+    workspace.init(_mesh(2, [devs[1], devs[0]]), "tp", 1024, jnp.bfloat16)
+  with pytest.raises(ValueError, match="axis 'x' is not an axis of the mesh"):
+    workspace.init(_mesh(2), "x", 1024, jnp.bfloat16)
+
+
+def test_message_larger_than_workspace():
+  mesh = _mesh(2)
+  ws = workspace.init(mesh, "tp", 4096, jnp.bfloat16)
+  with pytest.raises(ValueError, match="cannot carry a message of 16384 bfloat16 elements"):
+    lowering_checks.lower_for_cuda(_fn(mesh, "one_shot"),
+                                   jax.ShapeDtypeStruct((8, 4096), jnp.bfloat16), ws)
+
+
+def test_auto_thresholds_pick_by_size():
+  assert all_reduce.select(8 << 10, 2) == "one_shot"
+  assert all_reduce.select(1 << 20, 2) == "two_shot"
+  assert all_reduce.select(64 << 20, 2) == "xla"
