@@ -1,0 +1,160 @@
+"""All-reduce latency by message size: XLA's psum (three ways) against the peer-write kernels.
+
+  python -m experiments.bench_allreduce --tp 2
+
+XLA flags are per process, so this binary runs one child process per psum flavour
+(default collective kernels, NCCL, XLA's one-shot flag) and one for the Pallas kernels
+(one_shot, two_shot, auto), and merges their rows into one record.
+
+Measures, per implementation and bf16 message size (bytes per rank):
+- `loop_us`: the decode-shaped measure. A `fori_loop` whose body chains 16 all-reduces
+  (each result rescaled by 1/n so that values stay finite; the same for every
+  implementation), compiled with `+WHILE` command buffers into one graph; elapsed time
+  of the whole executable / (iterations x 16), idle gaps included.
+- `single_us`: one all-reduce per jitted call, end to end on the host.
+- `kernel_us`: GPU time of the all-reduce kernels per op (CUPTI), gaps excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+from experiments import records, xla_env
+
+_TP = flags.DEFINE_integer("tp", 2, "Ranks (first tp local GPUs).")
+_MIN = flags.DEFINE_integer("min_bytes", 4 << 10, "Smallest message per rank.")
+_MAX = flags.DEFINE_integer("max_bytes", 64 << 20, "Largest message per rank.")
+_ITERS = flags.DEFINE_integer("iters", 50, "Loop iterations (x16 all-reduces each).")
+_RUNS = flags.DEFINE_integer("runs", 10, "Timed executions per measure (median).")
+_CHILD = flags.DEFINE_string("child", None, "Internal: run one flavour and write rows to a file.")
+_OUT = flags.DEFINE_string("child_out", None, "Internal: where a child writes its rows.")
+
+CHAIN = 16
+FLAVOURS = {  # child name -> (XLA collectives mode, implementations measured in it)
+    "psum_default": ("default", ["xla"]),
+    "psum_nccl": ("nccl", ["xla"]),
+    "psum_xla_one_shot": ("one_shot", ["xla"]),
+    "pallas": ("default", ["one_shot", "two_shot", "auto"]),
+}
+
+
+def _sizes():
+  size, out = _MIN.value, []
+  while size <= _MAX.value:
+    out.append(size)
+    size *= 2
+  return out
+
+
+def _shape(nbytes: int) -> tuple[int, int]:
+  """A (tokens, hidden) bf16 message of `nbytes`: hidden 4096 when it divides, else 1 row."""
+  elems = nbytes // 2
+  if elems >= 4096 and elems % 4096 == 0:
+    return elems // 4096, 4096
+  return 1, elems
+
+
+def _median_s(fn, runs):
+  import numpy as np
+  samples = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    fn()
+    samples.append(time.perf_counter() - t0)
+  return float(np.median(samples)), samples
+
+
+def run_child(flavour: str, out_path: str):
+  xla_env.apply("while", FLAVOURS[flavour][0])
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+  from jax.sharding import PartitionSpec as P
+
+  from experiments import cupti
+  from models.sharding import make_mesh
+  from pallas_kernels import all_reduce, workspace
+
+  n = _TP.value
+  mesh = make_mesh(n)
+  spec = workspace.spec("tp")
+  rows = []
+  for nbytes in _sizes():
+    tokens, hidden = _shape(nbytes)
+    for impl in FLAVOURS[flavour][1]:
+      kernel_ok = tokens <= all_reduce.MAX_TOKENS and hidden <= all_reduce.MAX_HIDDEN
+      if impl in ("one_shot", "two_shot") and not kernel_ok:
+        continue
+      cap = all_reduce.workspace_capacity(tokens, hidden, jnp.bfloat16, n) if impl != "xla" else 8192
+      ws = workspace.init(mesh, "tp", cap, jnp.bfloat16)
+
+      def chain(x, ws, iters):
+        def body(_, carry):
+          y, ws = carry
+          for _ in range(CHAIN):
+            y, ws = all_reduce.all_reduce(y, ws, "tp", impl)
+            y = (y * (1.0 / n)).astype(y.dtype)
+          return y, ws
+        return lax.fori_loop(0, iters, body, (x, ws))
+
+      def build(f):
+        f = jax.shard_map(f, mesh=mesh, in_specs=(P("tp"), spec), out_specs=(P("tp"), spec),
+                          check_vma=False)
+        return jax.jit(f, donate_argnums=1)
+
+      x = jax.random.normal(jax.random.key(nbytes), (n * tokens, hidden), jnp.bfloat16)
+      loop = build(lambda x, ws: chain(x, ws, _ITERS.value))
+      single = build(lambda x, ws: all_reduce.all_reduce(x, ws, "tp", impl))
+      state = {"ws": ws}
+
+      def call(fn):
+        y, state["ws"] = fn(x, state["ws"])
+        jax.block_until_ready(y)
+
+      call(loop), call(single)  # compile and warm up
+      loop_s, _ = _median_s(lambda: call(loop), _RUNS.value)
+      one_s, _ = _median_s(lambda: call(single), _RUNS.value * 3)
+      kernel_ms = cupti.kernel_ms(lambda: call(single))  # summed over the n GPUs
+      rows.append({"flavour": flavour, "impl": impl if impl != "xla" else flavour, "tp": n,
+                   "bytes": nbytes, "tokens": tokens, "hidden": hidden,
+                   "method": all_reduce.select(nbytes, n) if impl == "auto" else impl,
+                   "loop_us": loop_s / (_ITERS.value * CHAIN) * 1e6,
+                   "single_us": one_s * 1e6,
+                   "kernel_us": kernel_ms["all_reduce"] / n * 1e3 if kernel_ms else None,
+                   "other_kernel_us": kernel_ms.get("other", 0.0) / n * 1e3 if kernel_ms else None})
+      print(json.dumps(rows[-1]), flush=True)
+  with open(out_path, "w") as f:
+    json.dump(rows, f)
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    return run_child(_CHILD.value, _OUT.value)
+  rows = []
+  for flavour in FLAVOURS:
+    out = tempfile.mktemp(suffix=".json")
+    cmd = [sys.executable, "-m", "experiments.bench_allreduce", f"--child={flavour}",
+           f"--child_out={out}", f"--tp={_TP.value}", f"--min_bytes={_MIN.value}",
+           f"--max_bytes={_MAX.value}", f"--iters={_ITERS.value}", f"--runs={_RUNS.value}"]
+    proc = subprocess.run(cmd, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
+    if proc.returncode or not os.path.exists(out):
+      print(f"flavour {flavour} failed (rc={proc.returncode})", flush=True)
+      continue
+    rows += json.load(open(out))
+  config = {"tp": _TP.value, "dtype": "bfloat16", "chain": CHAIN, "iters": _ITERS.value,
+            "runs": _RUNS.value, "command_buffers": "while",
+            "loop_us": "elapsed of one executable / (iters x 16); each op rescaled by 1/n",
+            "flavours": {k: v[0] for k, v in FLAVOURS.items()}}
+  print(f"record: {records.write('allreduce', config, rows)}")
+
+
+if __name__ == "__main__":
+  app.run(main)
