@@ -85,7 +85,8 @@ def test_ten_thousand_back_to_back_calls(method):
         ref = common.reference(xref, "tp")
         return y, ref, ws, bad + jnp.sum(y != ref)
       zero = jnp.zeros_like(x)
-      return lax.fori_loop(0, steps, body, (zero, zero, ws, jnp.int32(0)))
+      y, ref, ws, bad = lax.fori_loop(0, steps, body, (zero, zero, ws, jnp.int32(0)))
+      return y, ref, ws, lax.psum(bad, "tp")
 
     def build(steps):
       f = lambda x, ws: chain(x, ws, steps)
