@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import all_reduce, workspace
+from pallas_kernels import all_reduce, fused_add_norm, workspace
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -70,13 +70,27 @@ def _kernel_backend(method: str) -> Backend:
       total, ws = all_reduce.all_reduce(x, ws, axis, chosen)
     return (*_add_norm(total.reshape(b, t, d), residual, norm_w, eps), ws)
 
-  def init_state(mesh, axis, example):
-    b, _, d = example.shape
-    n = mesh.shape[axis]
-    return workspace.init(mesh, axis, all_reduce.workspace_capacity(b, d, example.dtype, n),
-                          example.dtype)
+  return Backend(reduce_add_norm, _init_workspace, workspace.spec)
 
-  return Backend(reduce_add_norm, init_state, workspace.spec)
+
+def _init_workspace(mesh, axis, example):
+  """A workspace for one decode step's message (batch, 1, hidden) through any kernel."""
+  b, _, d = example.shape
+  n = mesh.shape[axis]
+  capacity = max(all_reduce.workspace_capacity(b, d, example.dtype, n),
+                 b * fused_add_norm.padded_hidden(d)[0])
+  return workspace.init(mesh, axis, capacity, example.dtype)
+
+
+def _fused_reduce_add_norm(partial, residual, norm_w, eps, axis, ws):
+  """All-reduce, add and norm in one kernel (pallas_kernels/fused_add_norm.py)."""
+  b, t, d = partial.shape
+  if not fused_add_norm.fits(b * t, d, ws):
+    return _xla_reduce_add_norm(partial, residual, norm_w, eps, axis, ws)
+  with jax.named_scope("all_reduce"):
+    normed, new_residual, ws = fused_add_norm.all_reduce_add_norm(
+        partial.reshape(b * t, d), residual.reshape(b * t, d), norm_w, ws, axis, eps)
+  return normed.reshape(b, t, d), new_residual.reshape(b, t, d), ws
 
 
 BACKENDS: dict[str, Backend] = {
@@ -84,6 +98,7 @@ BACKENDS: dict[str, Backend] = {
     "one_shot": _kernel_backend("one_shot"),
     "two_shot": _kernel_backend("two_shot"),
     "auto": _kernel_backend("auto"),
+    "fused": Backend(_fused_reduce_add_norm, _init_workspace, workspace.spec),
 }
 
 

@@ -87,7 +87,8 @@ def check(x: jax.Array, axis: str, method: str) -> int:
   return n
 
 
-def _reference_note(method: str):
+def note_reference(method: str):
+  """Logs once per process that kernels run as their pure-JAX reference (no CUDA GPU)."""
   global _warned_cpu
   if not _warned_cpu and jax.default_backend() != "gpu":
     logging.warning("all_reduce(%s): no CUDA GPU; running the pure-JAX reference of the kernel",
@@ -107,7 +108,7 @@ def all_reduce(x: jax.Array, ws: Workspace, axis: str, method: str = "auto"):
   if method == "xla":
     return lax.psum(x, axis), ws
   kernel, reference = _KERNELS[method]
-  _reference_note(method)
+  note_reference(method)
 
   def on_gpu(x, ws):
     return kernel(x, ws, axis)

@@ -87,7 +87,7 @@ def test_kernel_backends_give_xla_tokens(tmp_path, tp1, backend, tp):
                                   tokens1)
 
 
-@pytest.mark.parametrize("backend", ["one_shot", "two_shot"])
+@pytest.mark.parametrize("backend", ["one_shot", "two_shot", "fused"])
 def test_decode_loop_lowers_for_cuda_with_kernels(tmp_path, tp1, backend):
   """The whole jitted decode loop lowers for CUDA: one kernel per all-reduce, no multicast."""
   from pallas_kernels import lowering_checks
@@ -99,3 +99,12 @@ def test_decode_loop_lowers_for_cuda_with_kernels(tmp_path, tp1, backend):
   layers = CONFIGS["tiny"]["num_hidden_layers"]
   assert len(lowering_checks.mosaic_calls(text)) == 2 * layers + 1  # per step, inside the loop
   assert lowering_checks.multicast_uses(text) == []
+
+
+@pytest.mark.parametrize("tp", [2, 8])
+def test_fused_backend_gives_xla_tokens(tmp_path, tp1, tp):
+  weights, _, tokens1 = tp1["tiny"]
+  dec = decoder_from_weights(tmp_path, CONFIGS["tiny"], weights, tp=tp, backend="fused")
+  for loop in ("jit", "python"):
+    np.testing.assert_array_equal(dec.generate(PROMPTS, 10, loop=loop, stop_at_eos=False).tokens,
+                                  tokens1)

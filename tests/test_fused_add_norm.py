@@ -1,0 +1,81 @@
+"""Fused all-reduce + residual add + RMSNorm: reference semantics, CUDA lowering, validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from models.collectives import rms_norm
+from pallas_kernels import fused_add_norm, lowering_checks, workspace
+
+SHAPES = [(1, 4096), (3, 576), (16, 8192), (128, 5120), (256, 16384)]
+
+
+def _mesh(n):
+  return Mesh(np.array(jax.devices()[:n]), ("tp",))
+
+
+def _fn(mesh, eps=1e-5):
+  spec = workspace.spec("tp")
+
+  def f(partial, residual, weight, ws):
+    return fused_add_norm.all_reduce_add_norm(partial, residual, weight, ws, "tp", eps)
+  return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("tp"), P("tp"), P(), spec),
+                               out_specs=(P("tp"), P("tp"), spec), check_vma=False),
+                 donate_argnums=3)
+
+
+def _ws(mesh, n, tokens, hidden, dtype, abstract=False):
+  cap = tokens * fused_add_norm.padded_hidden(hidden)[0]
+  if abstract:
+    return workspace.Workspace(jax.ShapeDtypeStruct((n * 2, n, cap), dtype),
+                               jax.ShapeDtypeStruct((n * workspace.MAX_BLOCKS, 2, n), jnp.int32),
+                               jax.ShapeDtypeStruct((n,), jnp.int32))
+  return workspace.init(mesh, "tp", cap, dtype)
+
+
+@pytest.mark.parametrize("n", [2, 8])
+@pytest.mark.parametrize("shape", [(1, 64), (5, 576), (8, 4096)])
+def test_reference_equals_psum_add_norm(n, shape):
+  mesh = _mesh(n)
+  rng = np.random.default_rng(0)
+  partial = jnp.asarray(rng.normal(size=(n * shape[0], shape[1])), jnp.float32)
+  residual = jnp.asarray(rng.normal(size=(n * shape[0], shape[1])), jnp.float32)
+  weight = jnp.asarray(1 + 0.1 * rng.normal(size=shape[1]), jnp.float32)
+  normed, new_res, ws = _fn(mesh)(partial, residual, weight, _ws(mesh, n, *shape, jnp.float32))
+
+  def unfused(p, r, w):
+    new = r + lax.psum(p, "tp")
+    return rms_norm(new, w, 1e-5), new
+  ref = jax.jit(jax.shard_map(unfused, mesh=mesh, in_specs=(P("tp"), P("tp"), P()),
+                              out_specs=(P("tp"), P("tp"))))(partial, residual, weight)
+  np.testing.assert_allclose(np.asarray(new_res), np.asarray(ref[1]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(normed), np.asarray(ref[0]), rtol=1e-5, atol=1e-5)
+  assert np.asarray(ws.epoch).tolist() == [1] * n
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lowers_for_cuda_without_multicast(n, shape):
+  mesh = _mesh(n)
+  dt = jnp.bfloat16
+  x = jax.ShapeDtypeStruct((n * shape[0], shape[1]), dt)
+  w = jax.ShapeDtypeStruct((shape[1],), dt)
+  text = lowering_checks.lower_for_cuda(_fn(mesh), x, x, w, _ws(mesh, n, *shape, dt, abstract=True))
+  calls = lowering_checks.mosaic_calls(text)
+  assert len(calls) == 1 and "output_operand_aliases" in calls[0]
+  assert lowering_checks.multicast_uses(text) == []
+
+
+@pytest.mark.parametrize("residual_shape,weight_shape,message", [
+    ((4, 64), (64,), r"residual \(2, 64\) float32 must match the partial output \(1, 64\)"),
+    ((2, 64), (32,), r"norm weight \(32,\) must be \(64,\)"),
+])
+def test_bad_input(residual_shape, weight_shape, message):
+  mesh = _mesh(2)
+  ws = _ws(mesh, 2, 2, 64, jnp.float32)
+  with pytest.raises(ValueError, match=message):
+    _fn(mesh)(jnp.zeros((2, 64), jnp.float32), jnp.zeros(residual_shape, jnp.float32),
+              jnp.zeros(weight_shape, jnp.float32), ws)
