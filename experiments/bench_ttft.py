@@ -1,0 +1,258 @@
+"""Time to first token of batch-1 prefill under four compilation policies.
+
+  python -m experiments.bench_ttft --model smollm2-135m --requests 210
+
+A seeded workload (half the prompts uniform in 10..500 tokens, half the paper's grid 10, 50,
+100, ..., 500, shuffled) is served one request after another, each policy in a fresh process
+that starts serving as soon as the weights are loaded:
+
+- naive: one executable per exact prompt length, compiled when first seen (what `jax.jit`
+  does; here through the same runtime with one bucket per length);
+- pad_max: one executable at the cache length, compiled on the first request;
+- buckets: the bucket set, each bucket compiled on the first request that needs it;
+- hybrid: the bucket set compiled in the background from the start, with JAX's persistent
+  cache; run from an empty cache directory (cold start) and again from it (warm start).
+
+TTFT is prompt in -> first token on the host. Each request prefills the cache the previous
+one returned (a server takes it from a pool), so cache allocation is not counted. A first
+phase compiles and times every candidate bucket (16 and multiples of 32) and scores bucket
+sets on the workload; this is how models/prefill_runtime.default_buckets was chosen.
+Writes a record under experiments/results/ttft/.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+from experiments import records
+
+GRID = (10, 50, 100, 200, 300, 400, 500)  # the paper's prompt lengths; also the bins' upper edges
+POLICIES = ("naive", "pad_max", "buckets", "hybrid")
+
+_MODEL = flags.DEFINE_string("model", "smollm2-135m", "Preset (models/config.py).")
+_TP = flags.DEFINE_integer("tp", 1, "Tensor-parallel degree.")
+_REQUESTS = flags.DEFINE_integer("requests", 210, "Requests in the workload (>= 200 to record).")
+_POLICIES = flags.DEFINE_list("policies", list(POLICIES), f"Subset of {POLICIES}.")
+_BUCKETS = flags.DEFINE_list("buckets", [], "Bucket lengths (default: default_buckets(max_len)).")
+_SEED = flags.DEFINE_integer("seed", 0, "Workload seed (lengths and token ids).")
+_MAX_LEN = flags.DEFINE_integer("max_len", 512, "KV cache slots; pad_max pads to it.")
+_CACHE_DIR = flags.DEFINE_string("cache_dir", None,
+                                 "Empty or new persistent-cache directory for hybrid (default: a temp dir).")
+_PROFILE = flags.DEFINE_bool("profile_buckets", True, "Time every candidate bucket first.")
+_RECORD = flags.DEFINE_bool("record", True, "Write a record under experiments/results/.")
+
+
+def workload(requests: int, seed: int, lo: int = GRID[0], hi: int = GRID[-1]) -> list[int]:
+  """Prompt lengths: half cycling through GRID, half uniform in [lo, hi], shuffled."""
+  rng = np.random.default_rng(seed)
+  lengths = np.concatenate([np.resize(GRID, requests // 2),
+                            rng.integers(lo, hi + 1, requests - requests // 2)])
+  rng.shuffle(lengths)
+  return lengths.tolist()
+
+
+def _bin(length: int) -> tuple[int, int]:
+  hi = next(g for g in GRID if length <= g)
+  return (GRID[GRID.index(hi) - 1] + 1 if hi > GRID[0] else 1), hi
+
+
+# ---- one policy, in a fresh process ------------------------------------------------------
+
+
+def _decoder(job):
+  import jax
+
+  from models import factory
+  from models.decode import Decoder
+  from models.sharding import make_mesh
+
+  mesh = make_mesh(job["tp"])
+  config, graphdef, state, _ = factory.build(job["model"], mesh)
+  jax.block_until_ready(state)
+  return Decoder(config, graphdef, state, mesh, max_len=job["max_len"])
+
+
+def _serve(job: dict) -> dict:
+  """Serves the workload under one policy; per-request timings and per-executable stats."""
+  from models import prefill_runtime
+
+  if job["policy"] == "hybrid":
+    prefill_runtime.enable_persistent_cache(job["cache_dir"])  # before anything compiles
+  decoder = _decoder(job)
+  rng = np.random.default_rng(job["seed"])
+  prompts = [rng.integers(3, decoder.config.vocab_size, n).tolist() for n in job["lengths"]]
+  buckets = {"naive": range(1, job["max_len"] + 1), "pad_max": (job["max_len"],)}.get(
+      job["policy"], job["buckets"])
+  cache, comm = decoder.new_cache(1), decoder.new_comm_state(1)
+  t0 = time.perf_counter()
+  runtime = prefill_runtime.PrefillRuntime(decoder, buckets, background=job["policy"] == "hybrid")
+  requests = []
+  for prompt in prompts:
+    start = time.perf_counter()
+    out = runtime.prefill(prompt, cache=cache, comm_state=comm)
+    int(out.next_b[0])
+    ttft = time.perf_counter() - start
+    cache, comm = out.cache, out.comm_state
+    requests.append({"length": len(prompt), "bucket": out.bucket, "exact_bucket": runtime.bucket_for(len(prompt)),
+                     "ttft_ms": ttft * 1e3, "compile_wait_ms": out.compile_wait_s * 1e3})
+  serve_s = time.perf_counter() - t0
+  if job["policy"] == "hybrid":
+    runtime.wait()  # the rest of the background compilation, for its cold/warm start time
+  runtime.close()
+  return {"requests": requests, "executables": runtime.stats(), "serve_s": serve_s}
+
+
+def _profile(job: dict) -> list[dict]:
+  """Compiles and times each candidate bucket: lower, compile, first run, steady run."""
+  from models.prefill_runtime import PrefillRuntime
+
+  decoder = _decoder(job)
+  runtime = PrefillRuntime(decoder, job["candidates"], background=False)
+  cache, comm = decoder.new_cache(1), decoder.new_comm_state(1)
+  rows = []
+  for bucket in runtime.buckets:
+    prompt = list(range(3, 3 + bucket - 1))  # one short of the bucket: room for the next token
+    times = []
+    for _ in range(4):
+      start = time.perf_counter()
+      out = runtime.prefill(prompt, cache=cache, comm_state=comm)
+      int(out.next_b[0])
+      times.append(time.perf_counter() - start)
+      cache, comm = out.cache, out.comm_state
+    stats = next(s for s in runtime.stats() if s["bucket"] == bucket)
+    rows.append({"length": bucket, "lower_s": stats["lower_s"], "compile_s": stats["compile_s"],
+                 "first_run_s": times[0] - stats["lower_s"] - stats["compile_s"],
+                 "run_ms": float(np.median(times[1:])) * 1e3,
+                 "code_bytes": stats["code_bytes"], "temp_bytes": stats["temp_bytes"]})
+    print(f"  bucket {bucket:4d}: lower {rows[-1]['lower_s']:.2f} s  compile {rows[-1]['compile_s']:.2f} s"
+          f"  first run {rows[-1]['first_run_s']:.2f} s  run {rows[-1]['run_ms']:.1f} ms", flush=True)
+  return rows
+
+
+def _in_fresh_process(fn, job):
+  """fn(job) in a new interpreter: no compiled code or JAX caches carried over."""
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    return pool.submit(fn, job).result()
+
+
+# ---- analysis ----------------------------------------------------------------------------
+
+
+def _bucket_sets(max_len: int, default: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+  return {"pad_max": (max_len,), "pow2": tuple(16 * 2**k for k in range(6) if 16 * 2**k < max_len) + (max_len,),
+          "mult128": (*range(128, max_len, 128), max_len), "mult64": (*range(64, max_len, 64), max_len),
+          "default": default, "mult32": (16, *range(32, max_len, 32), max_len)}
+
+
+def _score_sets(profile: list[dict], lengths: list[int], max_len: int, default: tuple[int, ...]):
+  """Expected prefill time per bucket set on the workload, if every bucket is compiled, against
+  exact-length prefill (run time interpolated between profiled lengths)."""
+  xs = np.array([p["length"] for p in profile])
+  run = dict(zip(xs.tolist(), (p["run_ms"] for p in profile)))
+  build = {p["length"]: p["lower_s"] + p["compile_s"] + p["first_run_s"] for p in profile}
+  lens = np.array(lengths)
+  exact = np.interp(lens, xs, [run[x] for x in xs.tolist()])
+  short = lens <= 100
+  rows = []
+  for name, sizes in _bucket_sets(max_len, default).items():
+    if any(s not in run for s in sizes):
+      continue
+    padded = np.array([run[sizes[np.searchsorted(sizes, n)]] for n in lens])
+    rows.append({"set": name, "buckets": ",".join(map(str, sizes)), "count": len(sizes),
+                 "expected_prefill_ms": float(padded.mean()), "vs_exact": float(padded.mean() / exact.mean()),
+                 "expected_prefill_ms_short": float(padded[short].mean()),
+                 "vs_exact_short": float(padded[short].mean() / exact[short].mean()),
+                 "build_s_total": float(sum(build[s] for s in sizes)),
+                 "temp_bytes_total": int(sum(p["temp_bytes"] or 0 for p in profile if p["length"] in sizes))})
+  return rows
+
+
+def _policy_rows(name: str, start: str, result: dict) -> list[dict]:
+  reqs, execs = result["requests"], result["executables"]
+  ttft = [r["ttft_ms"] for r in reqs]
+  tag = {"policy": name, "start": start}
+  summary = {"row": "policy", **tag, "requests": len(reqs), **records.summarize(ttft, "ttft_ms_"),
+             "first_ttft_ms": ttft[0], "executables": len(execs),
+             "exec_code_bytes": sum(e["code_bytes"] or 0 for e in execs),
+             "exec_temp_bytes": sum(e["temp_bytes"] or 0 for e in execs),
+             "compile_s_total": sum(e["lower_s"] + e["compile_s"] for e in execs),
+             "ready_all_s": max(e["ready_s"] for e in execs) if name == "hybrid" else None,
+             "fallbacks": sum(r["bucket"] != r["exact_bucket"] for r in reqs),
+             "blocked_on_compile": sum(r["compile_wait_ms"] > 1.0 for r in reqs),
+             "padding_frac": float(np.mean([r["bucket"] / r["length"] - 1 for r in reqs])),
+             "serve_s": result["serve_s"]}
+  bins = {}
+  for r in reqs:
+    bins.setdefault(_bin(r["length"]), []).append(r["ttft_ms"])
+  rows = [summary]
+  rows += [{"row": "bin", **tag, "bin": f"{lo}-{hi}", "len_lo": lo, "len_hi": hi,
+            **records.summarize(v, "ttft_ms_")} for (lo, hi), v in sorted(bins.items())]
+  rows += [{"row": "executable", **tag, **e} for e in execs]
+  rows += [{"row": "request", **tag, "index": i, **r} for i, r in enumerate(reqs)]
+  return rows
+
+
+def main(argv):
+  del argv
+  from models.prefill_runtime import default_buckets
+
+  policies = _POLICIES.value
+  if unknown := sorted(set(policies) - set(POLICIES)):
+    raise app.UsageError(f"unknown --policies {unknown}; choose from {POLICIES}")
+  if _RECORD.value and _REQUESTS.value < 200:
+    raise app.UsageError(f"a recorded run needs --requests >= 200, found {_REQUESTS.value} (or --norecord)")
+  max_len = _MAX_LEN.value
+  if GRID[-1] + 1 > max_len:
+    raise app.UsageError(f"--max_len {max_len} has no room for {GRID[-1]}-token prompts and a new token")
+  buckets = tuple(int(b) for b in _BUCKETS.value) or default_buckets(max_len)
+  cache_dir = pathlib.Path(_CACHE_DIR.value or tempfile.mkdtemp(prefix="ttft_jax_cache_"))
+  if cache_dir.exists() and any(cache_dir.iterdir()):
+    raise app.UsageError(f"--cache_dir {cache_dir} is not empty; hybrid's first run must start cold")
+  lengths = workload(_REQUESTS.value, _SEED.value)
+  job = {"model": _MODEL.value, "tp": _TP.value, "max_len": max_len, "seed": _SEED.value,
+         "lengths": lengths, "buckets": buckets, "cache_dir": str(cache_dir)}
+  print(f"{len(lengths)} requests, buckets {list(buckets)}, persistent cache {cache_dir}", flush=True)
+
+  rows, t_start = [], time.perf_counter()
+  if _PROFILE.value:
+    print("profiling candidate buckets", flush=True)
+    candidates = (16, *range(32, max_len, 32), max_len)
+    profile = _in_fresh_process(_profile, {**job, "candidates": candidates})
+    rows += [{"row": "bucket_profile", **p} for p in profile]
+    sets = _score_sets(profile, lengths, max_len, default_buckets(max_len))
+    rows += [{"row": "bucket_set", **s} for s in sets]
+    for s in sets:
+      print(f"  {s['set']:8s} {s['count']:3d} buckets: expected prefill {s['expected_prefill_ms']:6.1f} ms"
+            f" ({s['vs_exact']:.2f}x exact; prompts <= 100: {s['vs_exact_short']:.2f}x),"
+            f" build {s['build_s_total']:5.1f} s", flush=True)
+  runs = [(p, s) for p in policies for s in (("cold", "warm") if p == "hybrid" else ("cold",))]
+  for policy, start in runs:
+    result = _in_fresh_process(_serve, {**job, "policy": policy})
+    policy_rows = _policy_rows(policy, start, result)
+    rows += policy_rows
+    s = policy_rows[0]
+    ready = f"  all buckets ready at {s['ready_all_s']:.1f} s" if s["ready_all_s"] is not None else ""
+    print(f"{policy:8s} {start}: TTFT P50 {s['ttft_ms_median']:7.1f} ms  P90 {s['ttft_ms_p90']:7.1f}"
+          f"  P99 {s['ttft_ms_p99']:7.1f}  first {s['first_ttft_ms']:7.1f}  executables {s['executables']}"
+          f"  fallbacks {s['fallbacks']}  blocked {s['blocked_on_compile']}{ready}"
+          f"  [{time.perf_counter() - t_start:.0f} s]", flush=True)
+  if _RECORD.value:
+    config = {"model": _MODEL.value, "tp": _TP.value, "requests": len(lengths), "seed": _SEED.value,
+              "max_len": max_len, "buckets": ",".join(map(str, buckets)), "policies": ",".join(policies),
+              "grid": ",".join(map(str, GRID)), "dtype": "bfloat16", "batch": 1,
+              "cpu_count": os.cpu_count()}
+    extra = {"persistent_cache_bytes": sum(f.stat().st_size for f in cache_dir.glob("*"))}
+    path = records.write("ttft", config, rows, extra=extra)
+    print(f"record: {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)
