@@ -1,11 +1,15 @@
 """Batch decode latency of the tensor-parallel LLaMA: time per output token and where it goes.
 
-  python -m experiments.bench_decode --model llama2-7b --tp 2 --loop jit --command_buffers while
+  python -m experiments.bench_decode --model llama2-7b --tp 1,2 --backend xla,fused \
+      --command_buffers while
 
-Reports TPOT (median, P90, P99), tokens/s, achieved weight-read GB/s per device and the
-fraction of the HBM floor (weight bytes per GPU / measured copy bandwidth). With
---profile, a jax.profiler trace of decode steps splits GPU time into all-reduce, matmul,
-attention and other. Writes a record under experiments/results/decode/.
+Every (TP degree, all-reduce backend, loop) in the lists is measured in this one process,
+so their ratios come from the same run; XLA flags (command buffers, psum implementation)
+are per process. Reports TPOT (median, P90, P99), tokens/s, achieved weight-read GB/s per
+device and the fraction of the HBM floor (weight bytes per GPU / measured copy bandwidth).
+With --profile, a jax.profiler trace of the jit loop splits GPU kernel time into
+all-reduce, matmul, attention and other (kernels inside CUDA graphs are not traced: profile
+with --command_buffers off). Writes a record under experiments/results/decode/.
 """
 
 from __future__ import annotations
@@ -20,20 +24,19 @@ from absl import app, flags
 from experiments import records, xla_env
 
 _MODEL = flags.DEFINE_string("model", "llama2-7b", "Preset (models/config.py); random weights.")
-_TP = flags.DEFINE_integer("tp", 1, "Tensor-parallel degree.")
+_TPS = flags.DEFINE_list("tp", ["1"], "Tensor-parallel degrees.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences decoded together.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per sequence.")
 _GEN = flags.DEFINE_integer("gen_len", 256, "Generated tokens per sequence.")
-_BACKEND = flags.DEFINE_string("backend", "xla", "All-reduce backend (models/collectives.py).")
+_BACKENDS = flags.DEFINE_list("backend", ["xla"], "All-reduce backends (models/collectives.py).")
 _LOOPS = flags.DEFINE_list("loops", ["jit", "python"], "Decode loops to time (jit, python).")
 _CB = flags.DEFINE_enum("command_buffers", "default", list(xla_env.COMMAND_BUFFERS),
                         "XLA command buffers: default set, off, or the whole loop (+WHILE).")
 _COLL = flags.DEFINE_enum("xla_collectives", "default", list(xla_env.COLLECTIVES),
                           "How lax.psum runs: XLA's kernels, NCCL, or XLA's one-shot kernel.")
 _RUNS = flags.DEFINE_integer("runs", 8, "Timed generations per loop (after one warm-up).")
-_PROFILE = flags.DEFINE_bool("profile", False, "Trace decode steps and break GPU time down.")
+_PROFILE = flags.DEFINE_bool("profile", False, "Trace the jit loop and break GPU time down.")
 _DUMP = flags.DEFINE_string("dump_dir", None, "XLA dump directory (checks the WHILE graph).")
-_TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Where traces go (default: a temp dir).")
 
 
 def _while_in_command_buffer(dump_dir: str) -> bool | None:
@@ -58,85 +61,89 @@ def main(argv):
 
   t_start = time.perf_counter()
   log = lambda msg: print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
-  mesh = make_mesh(_TP.value)
-  config, graphdef, state, _ = factory.build(_MODEL.value, mesh)
-  jax.block_until_ready(state)
-  log(f"{_MODEL.value} weights ready, {config.weight_bytes / 1e9:.2f} GB at tp={_TP.value}")
-  max_len = -(-(_PROMPT.value + _GEN.value) // 128) * 128
-  decoder = Decoder(config, graphdef, state, mesh, backend=_BACKEND.value, max_len=max_len)
-  rng = np.random.default_rng(0)
-  prompts = rng.integers(3, config.vocab_size, (_BATCH.value, _PROMPT.value)).tolist()
   copy_gbps = xla_env.hbm_copy_gbps()
-  weight_bytes = config.weight_bytes / _TP.value
-  floor_ms = weight_bytes / (copy_gbps * 1e9) * 1e3
+  log(f"copy bandwidth {copy_gbps:.0f} GB/s (device 0)")
+  max_len = -(-(_PROMPT.value + _GEN.value) // 128) * 128
   steps = _GEN.value - 1
-
-  def timed(loop):
-    return decoder.generate(prompts, _GEN.value, loop=loop, stop_at_eos=False)
-
-  rows, tokens = [], {}
-  log(f"copy bandwidth {copy_gbps:.0f} GB/s; HBM floor {floor_ms:.3f} ms per token")
-  for loop in _LOOPS.value:
-    timed(loop)  # compile + warm up
-    log(f"{loop} loop compiled and warm")
-    samples, ttft = [], []
-    for _ in range(_RUNS.value):
-      gen = timed(loop)
-      ttft.append(gen.prefill_s * 1e3)
-      s = np.array(gen.steps_s) * 1e3
-      samples.extend(s if loop == "python" else s[:1])
-    tokens[loop] = gen.tokens
-    stats = records.summarize(samples, "tpot_ms_")
-    med = stats["tpot_ms_median"]
-    row = {"model": _MODEL.value, "tp": _TP.value, "batch": _BATCH.value, "backend": _BACKEND.value,
-           "loop": loop, "command_buffers": _CB.value, "xla_collectives": _COLL.value,
-           **stats, "tokens_per_s": _BATCH.value * 1e3 / med,
-           "weight_gbps_per_device": weight_bytes / (med * 1e-3) / 1e9,
-           "hbm_copy_gbps": copy_gbps, "hbm_floor_ms": floor_ms, "floor_fraction": floor_ms / med,
-           "ttft_ms_median": float(np.median(ttft)),
-           "samples": "per step" if loop == "python" else f"per run of {steps} steps"}
-    rows.append(row)
-    print(f"{loop:6s} TPOT median {med:.3f} ms  P90 {stats['tpot_ms_p90']:.3f}  "
-          f"P99 {stats['tpot_ms_p99']:.3f}  floor {floor_ms:.3f} ms ({floor_ms / med:.0%})", flush=True)
-  if len(tokens) > 1:
-    vals = list(tokens.values())
-    assert all((v == vals[0]).all() for v in vals), "loops disagree on greedy tokens"
-
-  extra = {}
-  if _PROFILE.value:
-    trace_dir = _TRACE_DIR.value or tempfile.mkdtemp(prefix="decode_trace_")
-    cache, comm = decoder.new_cache(_BATCH.value), decoder.new_comm_state(_BATCH.value)
-    first, _, cache, comm = decoder.prefill(cache, comm, prompts)
-    n = steps
-    fn = decoder.loop_fn(n, False)  # compiled by the jit-loop timing above
-    jax.profiler.start_trace(trace_dir)
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(decoder.state, cache, comm, first))
-    wall_ms = (time.perf_counter() - t0) * 1e3
-    jax.profiler.stop_trace()
-    kernels = profiling.device_kernels(trace_dir)
-    split = profiling.breakdown(kernels, n)
-    ref = next(r for r in rows if r["loop"] == "jit") if "jit" in _LOOPS.value else rows[0]
-    tpot_us = ref["tpot_ms_median"] * 1e3
-    for row in rows:
-      row.update(split)
-      row["all_reduce_share_of_tpot"] = split.get("gpu_all_reduce_us", 0.0) / tpot_us
-      row["all_reduce_share_of_gpu"] = split.get("gpu_all_reduce_us", 0.0) / max(split.get("gpu_total_us", 1.0), 1e-9)
-    extra["profile"] = {"trace_dir": trace_dir, "steps": n, "profiled_wall_ms_per_step": wall_ms / n,
-                        "top_kernels": profiling.top_kernels(kernels)}
-    print("profile per step (µs):", {k: round(v, 1) for k, v in split.items()})
-    for cat, name, us, count in profiling.top_kernels(kernels):
-      print(f"  {cat:10s} {us / n:9.1f} µs/step  x{count / n:.0f}  {name[:90]}")
+  rows, extra, tokens = [], {"profiles": {}}, {}
+  for tp in map(int, _TPS.value):
+    mesh = make_mesh(tp)
+    config, graphdef, state, _ = factory.build(_MODEL.value, mesh)
+    jax.block_until_ready(state)
+    weight_bytes = config.weight_bytes / tp
+    floor_ms = weight_bytes / (copy_gbps * 1e9) * 1e3
+    log(f"tp={tp}: weights ready; HBM floor {floor_ms:.3f} ms per token")
+    prompts = np.random.default_rng(0).integers(3, config.vocab_size,
+                                                (_BATCH.value, _PROMPT.value)).tolist()
+    for backend in _BACKENDS.value:
+      decoder = Decoder(config, graphdef, state, mesh, backend=backend, max_len=max_len)
+      for loop in _LOOPS.value:
+        decoder.generate(prompts, _GEN.value, loop=loop, stop_at_eos=False)  # compile, warm up
+        samples, ttft = [], []
+        for _ in range(_RUNS.value):
+          gen = decoder.generate(prompts, _GEN.value, loop=loop, stop_at_eos=False)
+          ttft.append(gen.prefill_s * 1e3)
+          s = np.array(gen.steps_s) * 1e3
+          samples.extend(s if loop == "python" else s[:1])
+        tokens[(tp, backend, loop)] = gen.tokens
+        stats = records.summarize(samples, "tpot_ms_")
+        med = stats["tpot_ms_median"]
+        rows.append({
+            "model": _MODEL.value, "tp": tp, "batch": _BATCH.value, "backend": backend,
+            "loop": loop, "command_buffers": _CB.value, "xla_collectives": _COLL.value, **stats,
+            "tokens_per_s": _BATCH.value * 1e3 / med,
+            "weight_gbps_per_device": weight_bytes / (med * 1e-3) / 1e9,
+            "hbm_copy_gbps": copy_gbps, "hbm_floor_ms": floor_ms, "floor_fraction": floor_ms / med,
+            "ttft_ms_median": float(np.median(ttft)),
+            "samples": "per step" if loop == "python" else f"per run of {steps} steps"})
+        log(f"tp={tp} {backend:8s} {loop:6s} TPOT median {med:.3f} ms  P90 "
+            f"{stats['tpot_ms_p90']:.3f}  P99 {stats['tpot_ms_p99']:.3f}  ({floor_ms / med:.0%} of floor)")
+      if _PROFILE.value and "jit" in _LOOPS.value:
+        split, top = _profile(decoder, prompts, steps, profiling)
+        jit_row = next(r for r in rows if (r["tp"], r["backend"], r["loop"]) == (tp, backend, "jit"))
+        tpot_us = jit_row["tpot_ms_median"] * 1e3
+        for row in rows:
+          if (row["tp"], row["backend"]) == (tp, backend):
+            row.update(split)
+            row["all_reduce_share_of_tpot"] = split.get("gpu_all_reduce_us", 0.0) / tpot_us
+        extra["profiles"][f"tp{tp}_{backend}"] = top
+        log(f"profile per step (µs): { {k: round(v, 1) for k, v in split.items()} }")
+    del state, graphdef
+  # Every configuration must decode the same tokens as the first one of its TP degree.
+  for (tp, backend, loop), toks in tokens.items():
+    first = next(v for k, v in tokens.items() if k[0] == tp)
+    if not (toks == first).all():
+      log(f"WARNING: tp={tp} {backend} {loop} tokens differ from the first configuration")
+    rows_for = [r for r in rows if (r["tp"], r["backend"], r["loop"]) == (tp, backend, loop)]
+    rows_for[0]["tokens_match_first"] = bool((toks == first).all())
   if _DUMP.value:
     extra["while_in_command_buffer"] = _while_in_command_buffer(_DUMP.value)
-    print("WHILE inside a command buffer:", extra["while_in_command_buffer"])
-  config_rec = {"model": _MODEL.value, "tp": _TP.value, "batch": _BATCH.value,
+    log(f"WHILE inside a command buffer: {extra['while_in_command_buffer']}")
+  config_rec = {"model": _MODEL.value, "tp": _TPS.value, "batch": _BATCH.value,
                 "prompt_len": _PROMPT.value, "gen_len": _GEN.value, "max_len": max_len,
-                "backend": _BACKEND.value, "command_buffers": _CB.value,
+                "backends": _BACKENDS.value, "command_buffers": _CB.value,
                 "xla_collectives": _COLL.value, "runs": _RUNS.value, "dtype": "bfloat16",
                 "weights": "random", "xla_flags_set": flags_str}
-  path = records.write("decode", config_rec, rows, extra=extra)
-  print(f"record: {path}")
+  print(f"record: {records.write('decode', config_rec, rows, extra=extra)}")
+
+
+def _profile(decoder, prompts, steps, profiling):
+  """GPU kernel time per decode step by category, from a trace of one jit-loop run."""
+  import jax
+
+  trace_dir = tempfile.mkdtemp(prefix="decode_trace_")
+  batch = len(prompts)
+  cache, comm = decoder.new_cache(batch), decoder.new_comm_state(batch)
+  first, _, cache, comm = decoder.prefill(cache, comm, prompts)
+  fn = decoder.loop_fn(steps, False)  # compiled by the timing above
+  jax.block_until_ready(first)
+  jax.profiler.start_trace(trace_dir)
+  jax.block_until_ready(fn(decoder.state, cache, comm, first))
+  jax.profiler.stop_trace()
+  kernels = profiling.device_kernels(trace_dir)
+  top = [[c, name[:100], round(us / steps, 2), round(count / steps, 2)]
+         for c, name, us, count in profiling.top_kernels(kernels)]
+  return profiling.breakdown(kernels, steps), top
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ prefill equals exact-length prefill and fills the KV cache that the decode loop 
 (`Decoder.loop_fn`: one executable for every prompt length).
 
 Each bucket is lowered and compiled once (`lower(...).compile()`) and kept. With
-`background=True` one thread compiles the buckets, those most likely needed first (a prior
-over prompt lengths, then the requests seen), and runs each new executable twice: the first
-run pays one-off costs (capturing XLA's command buffers as CUDA graphs on GPU; about 0.3 s on
-XLA:CPU), the second measures its run time. A request whose bucket is not ready takes
-whichever is estimated faster: waiting for its bucket (moved to the front of the queue) or
-running now in a larger ready one. Requests may come from many threads.
+`background=True` one thread compiles the buckets in the order of their expected saving
+(how likely a prompt needs the bucket, from a prior and the requests seen, times the run time
+it saves over the next larger ready bucket), and runs each new executable twice once it is
+ready: the first run pays one-off costs off the request path (capturing XLA's command buffers
+as CUDA graphs on GPU; about 0.3 s on XLA:CPU), the second measures its run time. A request
+whose bucket is not ready takes whichever is estimated faster: waiting for its bucket (moved
+to the front of the queue) or running now in a larger ready one. Requests may come from many
+threads.
 
 `enable_persistent_cache` makes a later process load the executables from disk: AOT
 `compile()` goes through JAX's persistent cache, while tracing and lowering still run.
@@ -81,18 +83,14 @@ class Prefill(NamedTuple):
   compile_wait_s: float
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Built:
   executable: Any  # jax.stages.Compiled
   lower_s: float
   compile_s: float
-  warmup_s: float | None  # background builds: the first run, then the measured run time
-  run_s: float | None
   ready_s: float  # since the runtime was created
-
-  @property
-  def build_s(self) -> float:
-    return self.lower_s + self.compile_s + (self.warmup_s or 0.0) + (self.run_s or 0.0)
+  first_run_s: float | None = None  # background warm-up, after the bucket is ready
+  run_s: float | None = None
 
 
 class PrefillRuntime:
@@ -183,13 +181,12 @@ class PrefillRuntime:
     if exact in self._built:
       return exact
     building = next(iter(self._building), None)  # the background thread builds one at a time
-    done = [b.build_s for b in self._built.values()]
-    if not done:  # nothing measured: the bucket under way is ready soonest
+    if not self._built:  # nothing measured: the bucket under way is ready soonest
       return building if building is not None and building >= exact else exact
-    build_s = float(np.mean(done))
+    build_s = float(np.mean([x.lower_s + x.compile_s for x in self._built.values()]))
     left_s = 0.0 if building is None else max(
         build_s - (time.perf_counter() - self._building[building]), 0.0)
-    options = {b: x.run_s for b, x in self._built.items() if b > exact}
+    options = {b: self._run_estimate(b) for b in self._built if b > exact}
     if building is not None and building >= exact:
       options[building] = left_s + self._run_estimate(building)
     if exact not in options:  # pending: compiled next once waited on, unless paused
@@ -197,10 +194,15 @@ class PrefillRuntime:
     return min(options, key=options.get)
 
   def _run_estimate(self, bucket: int) -> float:
-    """Run time interpolated between measured buckets, proportional beyond the largest."""
-    xs = sorted(self._built)
-    ys = [self._built[b].run_s for b in xs]
-    return float(np.interp(bucket, xs, ys)) if bucket <= xs[-1] else ys[-1] * bucket / xs[-1]
+    """Measured run time, else interpolated between measured buckets (and 0 at length 0),
+    proportional beyond the largest; 0 before any measurement."""
+    measured = sorted((b, x.run_s) for b, x in self._built.items() if x.run_s is not None)
+    if not measured:
+      return 0.0
+    xs, ys = zip(*measured)
+    if bucket > xs[-1]:
+      return ys[-1] * bucket / xs[-1]
+    return float(np.interp(bucket, (0, *xs), (0.0, *ys)))
 
   # ---- compilation -------------------------------------------------------------------
 
@@ -232,10 +234,15 @@ class PrefillRuntime:
       self._build(bucket)
 
   def _priority(self, bucket: int) -> tuple:
-    """Background order, highest first: waited on (first come first), then requests seen plus
-    prior mass, then size (a larger bucket is a fallback for more prompts)."""
+    """Background order, highest first: waited on (first come first); then the expected
+    saving, likelihood (requests seen, plus the prior weighing as one request) times the run
+    time saved over the next larger ready bucket, infinite without one (so the largest bucket,
+    a fallback for every prompt, comes first); then size."""
     waited = -self._waited_on.index(bucket) if bucket in self._waited_on else -math.inf
-    return waited, self._seen[bucket] + self._mass[bucket], bucket
+    likelihood = self._seen[bucket] + self._mass[bucket]
+    larger = [b for b in self._built if b > bucket]
+    saving = self._run_estimate(min(larger)) - self._run_estimate(bucket) if larger else math.inf
+    return waited, likelihood * saving if likelihood else 0.0, bucket
 
   def _compile_loop(self) -> None:
     while True:
@@ -252,32 +259,44 @@ class PrefillRuntime:
       self._build(bucket)
 
   def _build(self, bucket: int) -> None:
-    """Compiles one bucket (warmed up in the background) and publishes the result or error."""
+    """Compiles one bucket and publishes it, or the error that requests for it then raise;
+    in the background, then warms it up."""
+    tokens = jax.ShapeDtypeStruct((1, bucket), jnp.int32, sharding=self._replicated)
+    lengths = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=self._replicated)
     try:
-      tokens = jax.ShapeDtypeStruct((1, bucket), jnp.int32, sharding=self._replicated)
-      lengths = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=self._replicated)
       with self._trace_lock:
         t0 = time.perf_counter()
         lowered = self.decoder.prefill_fn.lower(self.decoder.state, *self._arg_specs, tokens, lengths)
         t1 = time.perf_counter()
         executable = lowered.compile()
         t2 = time.perf_counter()
-      warmup_s, run_s = self._warm_up(executable, bucket) if self.background else (None, None)
-      built = _Built(executable, t1 - t0, t2 - t1, warmup_s, run_s,
-                     time.perf_counter() - self._created)
-    except Exception as e:  # published: requests for this bucket raise it
-      with self._cv:
-        self._errors[bucket] = e
-        del self._building[bucket]
-        self._cv.notify_all()
+    except Exception as e:
+      self._publish(bucket, error=e)
+      return
+    built = _Built(executable, t1 - t0, t2 - t1, time.perf_counter() - self._created)
+    self._publish(bucket, built)
+    if not self.background:
+      return
+    try:
+      first_run_s, run_s = self._warm_up(executable, bucket)
+    except Exception as e:  # a bucket that cannot run is no bucket
+      self._publish(bucket, error=e)
       return
     with self._cv:
-      self._built[bucket] = built
-      del self._building[bucket]
+      built.first_run_s, built.run_s = first_run_s, run_s
+
+  def _publish(self, bucket: int, built: _Built | None = None, error: Exception | None = None):
+    with self._cv:
+      self._building.pop(bucket, None)
+      if error is None:
+        self._built[bucket] = built
+      else:
+        self._built.pop(bucket, None)
+        self._errors[bucket] = error
       self._cv.notify_all()
 
   def _warm_up(self, executable, bucket: int) -> tuple[float, float]:
-    """Two runs on a scratch cache: (first run, second run) in seconds, first token on host."""
+    """Two runs on a scratch cache: seconds to the first token on the host, each."""
     cache, comm = self.decoder.new_cache(1), self.decoder.new_comm_state(1)
     tokens, lengths = np.zeros((1, bucket), np.int32), np.array([bucket], np.int32)
     times = []
@@ -311,15 +330,15 @@ class PrefillRuntime:
       return tuple(sorted(self._built))
 
   def stats(self) -> list[dict[str, Any]]:
-    """One flat row per compiled bucket: seconds to lower, compile, first and second run
-    (background builds), ready time since creation, executable memory in bytes."""
+    """One flat row per compiled bucket: seconds to lower and compile it, its ready time since
+    creation, its warm-up runs (background builds; None until done), memory in bytes."""
     with self._cv:
       built = dict(sorted(self._built.items()))
     rows = []
     for bucket, b in built.items():
       memory = b.executable.memory_analysis()
       rows.append({"bucket": bucket, "lower_s": b.lower_s, "compile_s": b.compile_s,
-                   "warmup_s": b.warmup_s, "run_s": b.run_s, "ready_s": b.ready_s,
+                   "ready_s": b.ready_s, "first_run_s": b.first_run_s, "run_s": b.run_s,
                    "code_bytes": getattr(memory, "generated_code_size_in_bytes", None),
                    "temp_bytes": getattr(memory, "temp_size_in_bytes", None)})
     return rows

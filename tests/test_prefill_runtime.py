@@ -88,7 +88,8 @@ def test_concurrent_requests_during_background_compilation(decoder):
       _assert_same_prefill(got, refs[n], n)
     runtime.wait()
     assert runtime.ready() == runtime.buckets
-    assert all(row["run_s"] > 0 and row["compile_s"] > 0 for row in runtime.stats())
+  # Closing lets the warm-up under way finish: every bucket was run twice off the request path.
+  assert all(row["compile_s"] > 0 and row["run_s"] > 0 for row in runtime.stats())
 
 
 def test_fallback_to_a_larger_ready_bucket(decoder):
