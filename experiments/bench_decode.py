@@ -39,13 +39,17 @@ _PROFILE = flags.DEFINE_bool("profile", False, "Trace the jit loop and break GPU
 _DUMP = flags.DEFINE_string("dump_dir", None, "XLA dump directory (checks the WHILE graph).")
 
 
-def _while_in_command_buffer(dump_dir: str) -> bool | None:
-  """Whether any thunk sequence in the dump runs a WHILE inside a command buffer."""
-  files = glob.glob(os.path.join(dump_dir, "*thunk_sequence*"))
+def _command_buffer_evidence(dump_dir: str) -> dict:
+  """Excerpts of the largest thunk sequence in the XLA dump (the decode loop's module):
+  its command-buffer and while lines show whether the loop became one graph."""
+  files = glob.glob(os.path.join(dump_dir, "*thunk_sequence_after_thunk_passes.txt"))
   if not files:
-    return None
-  text = "\n".join(open(f).read() for f in files)
-  return "WhileCmd" in text or "kWhileCmd" in text or "while_cmd" in text.lower()
+    return {"file": None}
+  path = max(files, key=os.path.getsize)
+  lines = open(path).read().splitlines()
+  pick = lambda word: [l.strip()[:200] for l in lines if word in l.lower()][:12]
+  return {"file": os.path.basename(path), "lines": len(lines),
+          "command_buffer_lines": pick("command"), "while_lines": pick("while")}
 
 
 def main(argv):
@@ -117,8 +121,8 @@ def main(argv):
     rows_for = [r for r in rows if (r["tp"], r["backend"], r["loop"]) == (tp, backend, loop)]
     rows_for[0]["tokens_match_first"] = bool((toks == first).all())
   if _DUMP.value:
-    extra["while_in_command_buffer"] = _while_in_command_buffer(_DUMP.value)
-    log(f"WHILE inside a command buffer: {extra['while_in_command_buffer']}")
+    extra["command_buffers_in_dump"] = _command_buffer_evidence(_DUMP.value)
+    log(f"thunk sequence evidence: {extra['command_buffers_in_dump']}")
   config_rec = {"model": _MODEL.value, "tp": _TPS.value, "batch": _BATCH.value,
                 "prompt_len": _PROMPT.value, "gen_len": _GEN.value, "max_len": max_len,
                 "backends": _BACKENDS.value, "command_buffers": _CB.value,

@@ -12,11 +12,11 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about GPUs.",
            "List three prime numbers."]
 
 
-def _generate(tp, loop):
+def _generate(tp, loop, backend="xla"):
   mesh = make_mesh(tp)
   config, graphdef, state, ckpt = factory.build("smollm2-135m", mesh)
   tok = Tokenizer(ckpt)
-  decoder = Decoder(config, graphdef, state, mesh, max_len=128)
+  decoder = Decoder(config, graphdef, state, mesh, backend=backend, max_len=128)
   ids = [tok.chat(p) for p in PROMPTS]
   return tok, decoder.generate(ids, 48, loop=loop).tokens
 
@@ -29,3 +29,12 @@ def test_smollm2_tp1_equals_tp2_on_gpus():
   for tp, loop in [(1, "python"), (2, "jit"), (2, "python")]:
     _, got = _generate(tp, loop)
     np.testing.assert_array_equal(got, ref, err_msg=f"tp={tp} loop={loop}")
+
+
+@pytest.mark.gpu(count=2)
+@pytest.mark.parametrize("backend", ["one_shot", "fused"])
+def test_smollm2_kernel_backends_equal_xla_at_tp2(backend):
+  _, ref = _generate(2, "jit", "xla")
+  tok, got = _generate(2, "jit", backend)
+  print("\n".join(f"{backend}: {tok.decode(row)!r}" for row in got))
+  np.testing.assert_array_equal(got, ref)
