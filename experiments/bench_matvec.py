@@ -4,7 +4,8 @@ XLA's GPU algebraic simplifier drops size-1 dimensions from a dot, so a batch-1 
 becomes a vector, and it strength-reduces vector-matrix dots whose operands hold fewer than
 10M elements in total into multiply + reduce (gpu_algebraic_simplifier.cc). At TP=1 the
 LLaMA-2-7B projections are just over that line (4096 x 4096); at TP=2 they fall under it.
-This benchmark times each dot form at each per-rank shape and names the kernel XLA chose.
+This benchmark times each dot form at each per-rank shape, separate and fused (q/k/v and
+gate/up as one matrix, as models/llama.py stores them), and names the kernel XLA chose.
 
   python -m experiments.bench_matvec
 """
@@ -95,8 +96,10 @@ def main(argv):
   d, f = 4096, 11008  # LLaMA-2-7B
   rows = []
   for tp in map(int, _TPS.value):
-    for name, (d_in, d_out) in {"qkv_each": (d, d // tp), "o_proj": (d // tp, d),
-                                "gate_up_each": (d, f // tp), "down_proj": (f // tp, d)}.items():
+    shapes = {"qkv_each": (d, d // tp), "qkv_fused": (d, 3 * d // tp), "o_proj": (d // tp, d),
+              "gate_up_each": (d, f // tp), "gate_up_fused": (d, 2 * f // tp),
+              "down_proj": (f // tp, d)}
+    for name, (d_in, d_out) in shapes.items():
       for form in FORMS:
         row = {"tp": tp, "matrix": name, **measure(form, d_in, d_out)}
         rows.append(row)

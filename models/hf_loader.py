@@ -9,6 +9,7 @@ and placed straight into their shards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 
@@ -101,31 +102,39 @@ def check_checkpoint(directory: str | pathlib.Path, config: LlamaConfig) -> dict
   return files
 
 
-def _to_model_layout(name: str, w: np.ndarray, heads: sharding.HeadLayout, hd: int):
-  """(model state path, array) for one HF tensor."""
-  if name == "model.embed_tokens.weight":
-    return ("embed",), w
-  if name == "lm_head.weight":
-    return ("lm_head",), w
-  if name == "model.norm.weight":
-    return ("final_norm",), w
-  _, _, layer, *rest = name.split(".")
-  key = ".".join(rest)
-  layer = int(layer)
-  if key == "input_layernorm.weight":
-    return ("layers", layer, "attn_norm"), w
-  if key == "post_attention_layernorm.weight":
-    return ("layers", layer, "mlp_norm"), w
-  if key == "self_attn.q_proj.weight":
-    return ("layers", layer, "w_q"), sharding.padded_rows(w, heads.q_src, hd)
-  if key in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
-    leaf = "w_k" if key.startswith("self_attn.k") else "w_v"
-    return ("layers", layer, leaf), sharding.padded_rows(w, heads.kv_src, hd)
-  if key == "self_attn.o_proj.weight":
-    return ("layers", layer, "w_o"), sharding.padded_rows(w.T, heads.q_src, hd).T
-  leaf = {"mlp.gate_proj.weight": "w_gate", "mlp.up_proj.weight": "w_up",
-          "mlp.down_proj.weight": "w_down"}[key]
-  return ("layers", layer, leaf), w
+@contextlib.contextmanager
+def _reader(files: dict[str, pathlib.Path]):
+  """Yields name -> array, with each safetensors file opened once (memory-mapped)."""
+  with contextlib.ExitStack() as stack:
+    handles = {p: stack.enter_context(safe_open(p, framework="numpy"))
+               for p in sorted(set(files.values()))}
+    yield lambda name: handles[files[name]].get_tensor(name)
+
+
+def _layer_arrays(get, i: int, heads: sharding.HeadLayout, hd: int) -> dict[str, np.ndarray]:
+  """Model-layout arrays of layer i: fused rank-major q/k/v and gate/up, (out, in) matrices."""
+  p = f"model.layers.{i}."
+  rows = lambda name, src: sharding.padded_rows(get(p + name), src, hd)
+  qkv = sharding.rank_major(heads.tp, rows("self_attn.q_proj.weight", heads.q_src),
+                            rows("self_attn.k_proj.weight", heads.kv_src),
+                            rows("self_attn.v_proj.weight", heads.kv_src))
+  o = sharding.padded_rows(get(p + "self_attn.o_proj.weight").T, heads.q_src, hd).T
+  gate_up = sharding.rank_major(heads.tp, get(p + "mlp.gate_proj.weight"),
+                                get(p + "mlp.up_proj.weight"))
+  return {"attn_norm": get(p + "input_layernorm.weight"), "w_qkv": qkv, "w_o": o,
+          "mlp_norm": get(p + "post_attention_layernorm.weight"), "w_gate_up": gate_up,
+          "w_down": get(p + "mlp.down_proj.weight")}
+
+
+def _model_arrays(get, config: LlamaConfig, heads: sharding.HeadLayout):
+  """Yields (model state path, host array) for every parameter, one layer at a time."""
+  yield ("embed",), get("model.embed_tokens.weight")
+  yield ("final_norm",), get("model.norm.weight")
+  if not config.tie_word_embeddings:
+    yield ("lm_head",), get("lm_head.weight")
+  for i in range(config.num_layers):
+    for leaf, w in _layer_arrays(get, i, heads, config.head_dim).items():
+      yield ("layers", i, leaf), w
 
 
 def load(directory: str | pathlib.Path, mesh: Mesh, dtype=jnp.bfloat16):
@@ -139,14 +148,10 @@ def load(directory: str | pathlib.Path, mesh: Mesh, dtype=jnp.bfloat16):
   specs = dict(nnx.to_flat_state(state_specs(abstract)))
   shapes = dict(nnx.to_flat_state(abstract))
   arrays = {}
-  for path in sorted(set(files.values())):
-    with safe_open(path, framework="numpy") as f:
-      for name in f.keys():
-        if name not in files:
-          continue
-        key, w = _to_model_layout(name, f.get_tensor(name), heads, config.head_dim)
-        assert w.shape == shapes[key].shape, (name, w.shape, shapes[key].shape)
-        w = np.asarray(w, dtype=jnp.dtype(dtype))
-        arrays[key] = jax.device_put(w, NamedSharding(mesh, specs[key].get_value()))
+  with _reader(files) as get:
+    for key, w in _model_arrays(get, config, heads):
+      assert w.shape == shapes[key].shape, (key, w.shape, shapes[key].shape)
+      w = np.asarray(w, dtype=jnp.dtype(dtype))
+      arrays[key] = jax.device_put(w, NamedSharding(mesh, specs[key].get_value()))
   state = nnx.from_flat_state([(k, shapes[k].replace(arrays[k])) for k in shapes])
   return config, graphdef, state

@@ -21,7 +21,7 @@ from jax import lax
 
 from models.collectives import Comm
 from models.config import LlamaConfig
-from models.sharding import HeadLayout
+from models.sharding import HeadLayout, rank_major
 
 
 class KVCache(NamedTuple):
@@ -88,26 +88,24 @@ class Block(nnx.Module):
   def __init__(self, config: LlamaConfig, heads: HeadLayout, rngs: nnx.Rngs):
     d, f, hd, dt = config.hidden_size, config.intermediate_size, config.head_dim, config.dtype
     q_mask, kv_mask = _slot_mask(heads.q_src, hd), _slot_mask(heads.kv_src, hd)
-    nq, nkv = len(heads.q_src) * hd, len(heads.kv_src) * hd
+    qkv_mask = rank_major(heads.tp, q_mask, kv_mask, kv_mask)
     self.attn_norm = nnx.Param(jnp.ones((d,), dt))
-    self.w_q = _param(rngs, (nq, d), d, dt, q_mask[:, None])
-    self.w_k = _param(rngs, (nkv, d), d, dt, kv_mask[:, None])
-    self.w_v = _param(rngs, (nkv, d), d, dt, kv_mask[:, None])
-    self.w_o = _param(rngs, (d, nq), config.num_heads * hd, dt, q_mask[None, :])
+    self.w_qkv = _param(rngs, (qkv_mask.size, d), d, dt, qkv_mask[:, None])
+    self.w_o = _param(rngs, (d, q_mask.size), config.num_heads * hd, dt, q_mask[None, :])
     self.mlp_norm = nnx.Param(jnp.ones((d,), dt))
-    self.w_gate = _param(rngs, (f, d), d, dt)
-    self.w_up = _param(rngs, (f, d), d, dt)
+    self.w_gate_up = _param(rngs, (2 * f, d), d, dt)
     self.w_down = _param(rngs, (d, f), f, dt)
     self.head_dim = hd
-    self.q_per_kv = heads.q_per_rank // heads.kv_per_rank
+    self.q_per_rank, self.kv_per_rank = heads.q_per_rank, heads.kv_per_rank
 
   def attention(self, x_btd, pos_bt, k_bksh, v_bksh, inv_freq, prefill: bool):
     """Returns the rank's o_proj partial (b, t, d) and the updated cache (b, k, s, h)."""
     b, t, _ = x_btd.shape
-    hd, g = self.head_dim, self.q_per_kv
-    q = _dense(x_btd, self.w_q[...]).reshape(b, t, -1, g, hd)
-    k = _dense(x_btd, self.w_k[...]).reshape(b, t, -1, hd)
-    v = _dense(x_btd, self.w_v[...]).reshape(b, t, -1, hd)
+    hd, nq, nkv = self.head_dim, self.q_per_rank, self.kv_per_rank
+    qkv = _dense(x_btd, self.w_qkv[...])  # this rank's [q; k; v] heads
+    q = qkv[..., :nq * hd].reshape(b, t, nkv, nq // nkv, hd)
+    k = qkv[..., nq * hd:(nq + nkv) * hd].reshape(b, t, nkv, hd)
+    v = qkv[..., (nq + nkv) * hd:].reshape(b, t, nkv, hd)
     q, k = apply_rope(q, pos_bt, inv_freq), apply_rope(k, pos_bt, inv_freq)
     k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, k, t, h)
     if prefill:  # the prompt starts at slot 0 and attends only to itself
@@ -131,8 +129,7 @@ class Block(nnx.Module):
 
   def mlp(self, x_btd):
     """Returns the rank's down_proj partial (b, t, d)."""
-    gate = _dense(x_btd, self.w_gate[...])
-    up = _dense(x_btd, self.w_up[...])
+    gate, up = jnp.split(_dense(x_btd, self.w_gate_up[...]), 2, axis=-1)  # this rank's halves
     return _dense(jax.nn.silu(gate) * up, self.w_down[...])
 
 

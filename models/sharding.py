@@ -28,12 +28,9 @@ TP = "tp"
 PARAM_SPECS: dict[str, P] = {
     "embed": P(TP, None),        # (v, d): vocab-parallel lookup, partial sums all-reduced
     "lm_head": P(TP, None),      # (v, d): vocab-parallel logits
-    "w_q": P(TP, None),          # (n_q, d): column-parallel
-    "w_k": P(TP, None),          # (n_kv, d)
-    "w_v": P(TP, None),          # (n_kv, d)
+    "w_qkv": P(TP, None),        # (n_q + 2 n_kv, d): column-parallel, rank-major [q_r; k_r; v_r]
     "w_o": P(None, TP),          # (d, n_q): row-parallel, output all-reduced
-    "w_gate": P(TP, None),       # (f, d)
-    "w_up": P(TP, None),         # (f, d)
+    "w_gate_up": P(TP, None),    # (2 f, d): column-parallel, rank-major [gate_r; up_r]
     "w_down": P(None, TP),       # (d, f): row-parallel, output all-reduced
     "attn_norm": P(None),
     "mlp_norm": P(None),
@@ -115,6 +112,15 @@ def check_tp(config: LlamaConfig, tp: int) -> None:
     problems.append(f"vocab_size {config.vocab_size} is not divisible by tp={tp}")
   if problems:
     raise ValueError("cannot shard the model: " + "; ".join(problems))
+
+
+def rank_major(tp: int, *parts: np.ndarray) -> np.ndarray:
+  """Concatenates row-split parts so that each rank's rows of every part are contiguous:
+  [a_0; b_0; a_1; b_1; ...], where a_r is rank r's equal share of part a. One fused
+  matmul per rank then replaces one per part (fewer, larger batch-1 products)."""
+  blocks = [p.reshape(tp, p.shape[0] // tp, *p.shape[1:]) for p in parts]
+  out = np.concatenate(blocks, axis=1)
+  return out.reshape(-1, *parts[0].shape[1:])
 
 
 def padded_rows(w: np.ndarray, src: tuple[int, ...], head_dim: int) -> np.ndarray:
