@@ -7,6 +7,8 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
+import faulthandler  # noqa: E402
+
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 
@@ -30,3 +32,14 @@ def pytest_collection_modifyitems(config, items):
     need = marker.kwargs.get("count", 1)
     if gpus < need:
       item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA GPU(s), found {gpus}"))
+
+
+@pytest.fixture(autouse=True)
+def gpu_watchdog(request):
+  """A lost flag hangs a peer-write kernel: GPU tests dump stacks and exit instead."""
+  if request.node.get_closest_marker("gpu") is None:
+    yield
+    return
+  faulthandler.dump_traceback_later(240, exit=True)
+  yield
+  faulthandler.cancel_dump_traceback_later()

@@ -1,5 +1,6 @@
 """Builds decoders from HF-format test weights so tests compare against numpy_llama."""
 
+import jax
 import jax.numpy as jnp
 
 from hf_fixtures import write_checkpoint
@@ -21,3 +22,8 @@ def last_logits(decoder, prompts):
   cache, comm = decoder.new_cache(len(prompts)), decoder.new_comm_state(len(prompts))
   _, logits, _, _ = decoder.prefill(cache, comm, prompts)
   return logits
+
+
+def gpu_ranks():
+  """The tensor-parallel degrees the local GPUs allow, of 2, 4 and 8."""
+  return [r for r in (2, 4, 8) if r <= len(jax.devices())]

@@ -1,10 +1,8 @@
 """GPU: the peer-write kernels against lax.psum and their reference, on 2 (and 4) GPUs.
 
-A hang (a lost flag) is the failure mode of a wrong protocol: a watchdog ends the process
-with a stack dump instead of letting it block the machine.
+A hang (a lost flag) is the failure mode of a wrong protocol: conftest's watchdog ends the
+process with a stack dump instead of letting it block the machine.
 """
-
-import faulthandler
 
 import jax
 import jax.numpy as jnp
@@ -13,24 +11,13 @@ import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from model_helpers import gpu_ranks
 from models.sharding import make_mesh
 from pallas_kernels import all_reduce, common, workspace
 
 pytestmark = pytest.mark.gpu(count=2)
 SHAPES = [(1, 576), (1, 4096), (2, 2048), (7, 5120), (16, 8192), (64, 4096), (128, 8192),
           (256, 16384)]
-
-
-@pytest.fixture(autouse=True)
-def watchdog():
-  faulthandler.dump_traceback_later(240, exit=True)
-  yield
-  faulthandler.cancel_dump_traceback_later()
-
-
-def _ranks():
-  n = len(jax.devices())
-  return [r for r in (2, 4, 8) if r <= n]
 
 
 def _run(n, method, shape, dtype, calls=1, seed=0):
@@ -56,7 +43,7 @@ def _run(n, method, shape, dtype, calls=1, seed=0):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference_and_psum_on_every_rank(method, dtype, shape):
-  for n in _ranks():
+  for n in gpu_ranks():
     y, ref, psum = _run(n, method, shape, dtype, calls=3, seed=hash(shape) % 1000)
     np.testing.assert_array_equal(y, ref)  # the kernels' exact numerics
     for r in range(1, n):  # bitwise the same on every rank
@@ -69,7 +56,7 @@ def test_matches_reference_and_psum_on_every_rank(method, dtype, shape):
 def test_ten_thousand_back_to_back_calls(method):
   """10,000 calls with changing data in one jitted loop, then 200 separately jitted calls
   (donated workspace across executables): every result equals the reference chain."""
-  for n in _ranks():
+  for n in gpu_ranks():
     mesh = make_mesh(n)
     spec = workspace.spec("tp")
     shape = (4, 4096)

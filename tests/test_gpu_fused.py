@@ -1,7 +1,5 @@
 """GPU: fused all-reduce + add + RMSNorm against the unfused XLA sequence and its reference."""
 
-import faulthandler
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,21 +8,11 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from models.collectives import rms_norm
+from model_helpers import gpu_ranks
 from models.sharding import make_mesh
 from pallas_kernels import fused_add_norm, workspace
 
 pytestmark = pytest.mark.gpu(count=2)
-
-
-@pytest.fixture(autouse=True)
-def watchdog():
-  faulthandler.dump_traceback_later(240, exit=True)
-  yield
-  faulthandler.cancel_dump_traceback_later()
-
-
-def _ranks():
-  return [r for r in (2, 4, 8) if r <= len(jax.devices())]
 
 
 def _build(n, tokens, hidden, steps=None):
@@ -46,7 +34,7 @@ def _build(n, tokens, hidden, steps=None):
 @pytest.mark.parametrize("tokens", [1, 4, 16, 64, 128])
 @pytest.mark.parametrize("hidden", [2048, 4096, 5120, 8192])
 def test_matches_unfused_sequence(tokens, hidden):
-  for n in _ranks():
+  for n in gpu_ranks():
     f, ws = _build(n, tokens, hidden)
     key = jax.random.key(tokens * hidden)
     for i in range(3):
@@ -66,7 +54,7 @@ def test_matches_unfused_sequence(tokens, hidden):
 
 
 def test_ten_thousand_back_to_back_calls():
-  for n in _ranks():
+  for n in gpu_ranks():
     mesh = make_mesh(n)
     spec = workspace.spec("tp")
     tokens, hidden = 2, 4096
