@@ -68,3 +68,15 @@ def test_decode_logits_match_reference_step_by_step(tmp_path):
     ref = numpy_llama.forward(weights, config, np.array(seq))[-1]
     assert _rel_err(np.asarray(step_logits[0]), ref) < 1e-5
     seq.append(int(tok[0]))
+
+
+def test_no_recompilation_per_step_or_length_within_a_bucket(tmp_path):
+  config = CONFIGS["gqa"]
+  decoder = decoder_from_weights(tmp_path, config, random_weights(config, seed=7))
+  for prompts in ([[1, 2, 3]], [[4, 5, 6, 7, 8, 9]], [[10, 11]]):  # all within bucket 16
+    cache, comm = decoder.new_cache(1), decoder.new_comm_state(1)
+    tok, _, cache, comm = decoder.prefill(cache, comm, prompts, bucket=16)
+    for _ in range(3):
+      tok, _, cache, comm = decoder.step_fn(decoder.state, cache, comm, tok)
+  assert decoder.prefill_fn._cache_size() == 1
+  assert decoder.step_fn._cache_size() == 1
