@@ -29,10 +29,14 @@ import pathlib
 import tempfile
 import time
 
+import jax
 import numpy as np
 from absl import app, flags
 
-from experiments import records
+from experiments import records, xla_env
+from models import factory, prefill_runtime
+from models.decode import Decoder
+from models.sharding import make_mesh
 
 GRID = (10, 50, 100, 200, 300, 400, 500)  # the paper's prompt lengths; also the bins' upper edges
 POLICIES = ("naive", "pad_max", "buckets", "hybrid")
@@ -44,8 +48,10 @@ _POLICIES = flags.DEFINE_list("policies", list(POLICIES), f"Subset of {POLICIES}
 _BUCKETS = flags.DEFINE_list("buckets", [], "Bucket lengths (default: default_buckets(max_len)).")
 _SEED = flags.DEFINE_integer("seed", 0, "Workload seed (lengths and token ids).")
 _MAX_LEN = flags.DEFINE_integer("max_len", 512, "KV cache slots; pad_max pads to it.")
-_CACHE_DIR = flags.DEFINE_string("cache_dir", None,
-                                 "Empty or new persistent-cache directory for hybrid (default: a temp dir).")
+_CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Empty or new persistent-cache directory for"
+                                 " hybrid (default: a new temp dir).")
+_CB = flags.DEFINE_enum("command_buffers", "default", list(xla_env.COMMAND_BUFFERS),
+                        "XLA command buffers on GPU (experiments/xla_env.py).")
 _PROFILE = flags.DEFINE_bool("profile_buckets", True, "Time every candidate bucket first.")
 _RECORD = flags.DEFINE_bool("record", True, "Write a record under experiments/results/.")
 
@@ -67,13 +73,7 @@ def _bin(length: int) -> tuple[int, int]:
 # ---- one policy, in a fresh process ------------------------------------------------------
 
 
-def _decoder(job):
-  import jax
-
-  from models import factory
-  from models.decode import Decoder
-  from models.sharding import make_mesh
-
+def _decoder(job) -> Decoder:
   mesh = make_mesh(job["tp"])
   config, graphdef, state, _ = factory.build(job["model"], mesh)
   jax.block_until_ready(state)
@@ -82,8 +82,6 @@ def _decoder(job):
 
 def _serve(job: dict) -> dict:
   """Serves the workload under one policy; per-request timings and per-executable stats."""
-  from models import prefill_runtime
-
   if job["policy"] == "hybrid":
     prefill_runtime.enable_persistent_cache(job["cache_dir"])  # before anything compiles
   decoder = _decoder(job)
@@ -101,8 +99,9 @@ def _serve(job: dict) -> dict:
     int(out.next_b[0])
     ttft = time.perf_counter() - start
     cache, comm = out.cache, out.comm_state
-    requests.append({"length": len(prompt), "bucket": out.bucket, "exact_bucket": runtime.bucket_for(len(prompt)),
-                     "ttft_ms": ttft * 1e3, "compile_wait_ms": out.compile_wait_s * 1e3})
+    requests.append({"length": len(prompt), "bucket": out.bucket,
+                     "exact_bucket": runtime.bucket_for(len(prompt)), "ttft_ms": ttft * 1e3,
+                     "compile_wait_ms": out.compile_wait_s * 1e3})
   serve_s = time.perf_counter() - t0
   if job["policy"] == "hybrid":
     runtime.wait()  # the rest of the background compilation, for its cold/warm start time
@@ -112,10 +111,8 @@ def _serve(job: dict) -> dict:
 
 def _profile(job: dict) -> list[dict]:
   """Compiles and times each candidate bucket: lower, compile, first run, steady run."""
-  from models.prefill_runtime import PrefillRuntime
-
   decoder = _decoder(job)
-  runtime = PrefillRuntime(decoder, job["candidates"], background=False)
+  runtime = prefill_runtime.PrefillRuntime(decoder, job["candidates"], background=False)
   cache, comm = decoder.new_cache(1), decoder.new_comm_state(1)
   rows = []
   for bucket in runtime.buckets:
@@ -128,18 +125,20 @@ def _profile(job: dict) -> list[dict]:
       times.append(time.perf_counter() - start)
       cache, comm = out.cache, out.comm_state
     stats = next(s for s in runtime.stats() if s["bucket"] == bucket)
-    rows.append({"length": bucket, "lower_s": stats["lower_s"], "compile_s": stats["compile_s"],
-                 "first_run_s": times[0] - stats["lower_s"] - stats["compile_s"],
-                 "run_ms": float(np.median(times[1:])) * 1e3,
-                 "code_bytes": stats["code_bytes"], "temp_bytes": stats["temp_bytes"]})
-    print(f"  bucket {bucket:4d}: lower {rows[-1]['lower_s']:.2f} s  compile {rows[-1]['compile_s']:.2f} s"
-          f"  first run {rows[-1]['first_run_s']:.2f} s  run {rows[-1]['run_ms']:.1f} ms", flush=True)
+    row = {"length": bucket, "lower_s": stats["lower_s"], "compile_s": stats["compile_s"],
+           "first_run_s": times[0] - stats["lower_s"] - stats["compile_s"],
+           "run_ms": float(np.median(times[1:])) * 1e3,
+           "code_bytes": stats["code_bytes"], "temp_bytes": stats["temp_bytes"]}
+    rows.append(row)
+    print(f"  bucket {bucket:4d}: lower {row['lower_s']:.2f} s  compile {row['compile_s']:.2f} s"
+          f"  first run {row['first_run_s']:.2f} s  run {row['run_ms']:.1f} ms", flush=True)
   return rows
 
 
 def _in_fresh_process(fn, job):
   """fn(job) in a new interpreter: no compiled code or JAX caches carried over."""
-  with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+  spawn = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
     return pool.submit(fn, job).result()
 
 
@@ -147,9 +146,11 @@ def _in_fresh_process(fn, job):
 
 
 def _bucket_sets(max_len: int, default: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-  return {"pad_max": (max_len,), "pow2": tuple(16 * 2**k for k in range(6) if 16 * 2**k < max_len) + (max_len,),
-          "mult128": (*range(128, max_len, 128), max_len), "mult64": (*range(64, max_len, 64), max_len),
-          "default": default, "mult32": (16, *range(32, max_len, 32), max_len)}
+  pow2 = tuple(b for b in (16, 32, 64, 128, 256, 512, 1024, 2048) if b < max_len)
+  return {"pad_max": (max_len,), "pow2": (*pow2, max_len),
+          "mult128": (*range(128, max_len, 128), max_len),
+          "mult64": (*range(64, max_len, 64), max_len), "default": default,
+          "mult32": (16, *range(32, max_len, 32), max_len)}
 
 
 def _score_sets(profile: list[dict], lengths: list[int], max_len: int, default: tuple[int, ...]):
@@ -167,18 +168,20 @@ def _score_sets(profile: list[dict], lengths: list[int], max_len: int, default: 
       continue
     padded = np.array([run[sizes[np.searchsorted(sizes, n)]] for n in lens])
     rows.append({"set": name, "buckets": ",".join(map(str, sizes)), "count": len(sizes),
-                 "expected_prefill_ms": float(padded.mean()), "vs_exact": float(padded.mean() / exact.mean()),
+                 "expected_prefill_ms": float(padded.mean()),
+                 "vs_exact": float(padded.mean() / exact.mean()),
                  "expected_prefill_ms_short": float(padded[short].mean()),
                  "vs_exact_short": float(padded[short].mean() / exact[short].mean()),
                  "build_s_total": float(sum(build[s] for s in sizes)),
-                 "temp_bytes_total": int(sum(p["temp_bytes"] or 0 for p in profile if p["length"] in sizes))})
+                 "temp_bytes_total": sum(p["temp_bytes"] or 0 for p in profile
+                                         if p["length"] in sizes)})
   return rows
 
 
-def _policy_rows(name: str, start: str, result: dict) -> list[dict]:
+def _policy_rows(name: str, start: str, result: dict, job: dict) -> list[dict]:
   reqs, execs = result["requests"], result["executables"]
   ttft = [r["ttft_ms"] for r in reqs]
-  tag = {"policy": name, "start": start}
+  tag = {"policy": name, "start": start, "model": job["model"], "tp": job["tp"]}
   summary = {"row": "policy", **tag, "requests": len(reqs), **records.summarize(ttft, "ttft_ms_"),
              "first_ttft_ms": ttft[0], "executables": len(execs),
              "exec_code_bytes": sum(e["code_bytes"] or 0 for e in execs),
@@ -202,54 +205,61 @@ def _policy_rows(name: str, start: str, result: dict) -> list[dict]:
 
 def main(argv):
   del argv
-  from models.prefill_runtime import default_buckets
-
   policies = _POLICIES.value
   if unknown := sorted(set(policies) - set(POLICIES)):
     raise app.UsageError(f"unknown --policies {unknown}; choose from {POLICIES}")
   if _RECORD.value and _REQUESTS.value < 200:
-    raise app.UsageError(f"a recorded run needs --requests >= 200, found {_REQUESTS.value} (or --norecord)")
+    raise app.UsageError(f"a recorded run needs --requests >= 200, found {_REQUESTS.value}"
+                         " (or pass --norecord)")
   max_len = _MAX_LEN.value
   if GRID[-1] + 1 > max_len:
-    raise app.UsageError(f"--max_len {max_len} has no room for {GRID[-1]}-token prompts and a new token")
-  buckets = tuple(int(b) for b in _BUCKETS.value) or default_buckets(max_len)
+    raise app.UsageError(f"--max_len {max_len} has no room for {GRID[-1]}-token prompts and a"
+                         " new token")
+  buckets = tuple(int(b) for b in _BUCKETS.value) or prefill_runtime.default_buckets(max_len)
   cache_dir = pathlib.Path(_CACHE_DIR.value or tempfile.mkdtemp(prefix="ttft_jax_cache_"))
   if cache_dir.exists() and any(cache_dir.iterdir()):
-    raise app.UsageError(f"--cache_dir {cache_dir} is not empty; hybrid's first run must start cold")
+    raise app.UsageError(f"--cache_dir {cache_dir} is not empty; hybrid's first run must start"
+                         " cold")
   lengths = workload(_REQUESTS.value, _SEED.value)
   job = {"model": _MODEL.value, "tp": _TP.value, "max_len": max_len, "seed": _SEED.value,
          "lengths": lengths, "buckets": buckets, "cache_dir": str(cache_dir)}
-  print(f"{len(lengths)} requests, buckets {list(buckets)}, persistent cache {cache_dir}", flush=True)
+  xla_flags = xla_env.apply(_CB.value)  # inherited by the policies' processes
+  print(f"{len(lengths)} requests, buckets {list(buckets)}, persistent cache {cache_dir}",
+        flush=True)
 
-  rows, t_start = [], time.perf_counter()
+  rows, t_start, load_start = [], time.perf_counter(), os.getloadavg()
   if _PROFILE.value:
     print("profiling candidate buckets", flush=True)
     candidates = (16, *range(32, max_len, 32), max_len)
     profile = _in_fresh_process(_profile, {**job, "candidates": candidates})
     rows += [{"row": "bucket_profile", **p} for p in profile]
-    sets = _score_sets(profile, lengths, max_len, default_buckets(max_len))
+    sets = _score_sets(profile, lengths, max_len, prefill_runtime.default_buckets(max_len))
     rows += [{"row": "bucket_set", **s} for s in sets]
     for s in sets:
-      print(f"  {s['set']:8s} {s['count']:3d} buckets: expected prefill {s['expected_prefill_ms']:6.1f} ms"
-            f" ({s['vs_exact']:.2f}x exact; prompts <= 100: {s['vs_exact_short']:.2f}x),"
-            f" build {s['build_s_total']:5.1f} s", flush=True)
+      print(f"  {s['set']:8s} {s['count']:3d} buckets: expected prefill"
+            f" {s['expected_prefill_ms']:6.1f} ms ({s['vs_exact']:.2f}x exact; prompts <= 100:"
+            f" {s['vs_exact_short']:.2f}x), build {s['build_s_total']:5.1f} s", flush=True)
   runs = [(p, s) for p in policies for s in (("cold", "warm") if p == "hybrid" else ("cold",))]
   for policy, start in runs:
     result = _in_fresh_process(_serve, {**job, "policy": policy})
-    policy_rows = _policy_rows(policy, start, result)
+    policy_rows = _policy_rows(policy, start, result, job)
     rows += policy_rows
     s = policy_rows[0]
-    ready = f"  all buckets ready at {s['ready_all_s']:.1f} s" if s["ready_all_s"] is not None else ""
-    print(f"{policy:8s} {start}: TTFT P50 {s['ttft_ms_median']:7.1f} ms  P90 {s['ttft_ms_p90']:7.1f}"
-          f"  P99 {s['ttft_ms_p99']:7.1f}  first {s['first_ttft_ms']:7.1f}  executables {s['executables']}"
+    ready = "" if s["ready_all_s"] is None else f"  all buckets ready at {s['ready_all_s']:.1f} s"
+    print(f"{policy:8s} {start}: TTFT P50 {s['ttft_ms_median']:7.1f} ms"
+          f"  P90 {s['ttft_ms_p90']:7.1f}  P99 {s['ttft_ms_p99']:7.1f}"
+          f"  first {s['first_ttft_ms']:7.1f}  executables {s['executables']}"
           f"  fallbacks {s['fallbacks']}  blocked {s['blocked_on_compile']}{ready}"
           f"  [{time.perf_counter() - t_start:.0f} s]", flush=True)
   if _RECORD.value:
-    config = {"model": _MODEL.value, "tp": _TP.value, "requests": len(lengths), "seed": _SEED.value,
-              "max_len": max_len, "buckets": ",".join(map(str, buckets)), "policies": ",".join(policies),
-              "grid": ",".join(map(str, GRID)), "dtype": "bfloat16", "batch": 1,
-              "cpu_count": os.cpu_count()}
-    extra = {"persistent_cache_bytes": sum(f.stat().st_size for f in cache_dir.glob("*"))}
+    config = {"model": _MODEL.value, "tp": _TP.value, "requests": len(lengths),
+              "seed": _SEED.value, "max_len": max_len, "buckets": ",".join(map(str, buckets)),
+              "policies": ",".join(policies), "grid": ",".join(map(str, GRID)),
+              "dtype": "bfloat16", "batch": 1, "command_buffers": _CB.value,
+              "xla_flags_set": xla_flags, "cpu_count": os.cpu_count()}
+    # Load averages show whether anything else shared the CPU while this ran.
+    extra = {"persistent_cache_bytes": sum(f.stat().st_size for f in cache_dir.glob("*")),
+             "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
     path = records.write("ttft", config, rows, extra=extra)
     print(f"record: {path}")
 

@@ -123,12 +123,99 @@ def _allreduce_section(rows):
           + _plot("allreduce", draw) + "\n\n" + table(rows, cols))
 
 
+def _ttft_section(rows):
+  intro = ("## Prefill time to first token (experiments/bench_ttft.py)\n\n"
+           "Batch-1 requests one after another, prompt lengths half uniform in 10..500 and half"
+           " the grid 10, 50, ..., 500; each policy in a fresh process that serves from the moment"
+           " the weights are loaded, so compilation shows up in TTFT. `naive` compiles each exact"
+           " length when first seen, `pad_max` one executable at the cache length, `buckets` each"
+           " bucket on first use, `hybrid` every bucket in the background with JAX's persistent"
+           " cache (cold: empty cache directory; warm: a second process from it)."
+           " `first_ttft_ms` is the first request's TTFT; `ready_all_s` the time until every"
+           " bucket was compiled; `fallbacks` requests served in a larger ready bucket;"
+           " `blocked_on_compile` requests that waited for (or did) a compilation;"
+           " `padding_frac` the mean padding per request, relative to its prompt length;"
+           " `exec_temp_mib` XLA's temp memory summed over executables (their code size reads 0"
+           " on XLA:CPU).")
+  paths = sorted({r["path"] for r in rows})
+  return "\n\n".join([intro] + [_ttft_record([r for r in rows if r["path"] == p]) for p in paths])
+
+
+def _ttft_record(rows: list[dict[str, Any]]) -> str:
+  """Tables and plots of one bench_ttft record (its rows)."""
+  of = lambda kind: [r for r in rows if r["row"] == kind]
+  run = lambda r: f"hybrid ({r['start']})" if r["policy"] == "hybrid" else r["policy"]
+  policies = [{**r, "run": run(r), "exec_temp_mib": r["exec_temp_bytes"] / 2**20}
+              for r in of("policy")]
+  runs = [p["run"] for p in policies]
+  ttft = {name: [(r["length"], r["ttft_ms"]) for r in of("request") if run(r) == name]
+          for name in runs}
+  head = policies[0]
+  path, stem = head["path"], pathlib.Path(head["path"]).stem
+  title = f"{head['model']}, {head['device_kind']}"
+
+  def scatter(ax):
+    for name, pts in ttft.items():
+      ax.scatter([n for n, _ in pts], [t for _, t in pts], s=8, alpha=0.6, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("TTFT (ms)")
+    ax.set_title(f"{title}: TTFT per request")
+    ax.legend(fontsize=7)
+
+  def cdf(ax):
+    for name, pts in ttft.items():
+      times = sorted(t for _, t in pts)
+      ax.plot(times, [(i + 1) / len(times) for i in range(len(times))], label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"{title}: TTFT CDF")
+    ax.legend(fontsize=7)
+
+  bins: dict[int, dict[str, Any]] = {}
+  for b in of("bin"):
+    bins.setdefault(b["len_hi"], {"prompt tokens": b["bin"]})[run(b)] = (
+        f"{b['ttft_ms_median']:.0f} / {b['ttft_ms_p99']:.0f}")
+  execs = []
+  for name in runs:
+    mine = [r for r in of("executable") if run(r) == name]
+    means = {k: [r[k] for r in mine if r[k] is not None]
+             for k in ("lower_s", "compile_s", "first_run_s")}
+    execs.append({"policy": name, "executables": len(mine),
+                  **{k: sum(v) / len(v) if v else None for k, v in means.items()}})
+  out = (f"### {title} x{head['num_devices']}, TP{head['tp']} ({path}, {head['git_sha']})\n\n"
+         + table(policies, ["run", "requests", "ttft_ms_median", "ttft_ms_p90", "ttft_ms_p99",
+                            "first_ttft_ms", "ready_all_s", "executables", "exec_temp_mib",
+                            "compile_s_total", "fallbacks", "blocked_on_compile",
+                            "padding_frac", "serve_s"])
+         + "\n\nTTFT median / P99 (ms) per prompt-length bin:\n\n"
+         + table([bins[k] for k in sorted(bins)], ["prompt tokens"] + runs) + "\n\n"
+         + _plot(f"ttft_{stem}_length", scatter) + "\n\n" + _plot(f"ttft_{stem}_cdf", cdf)
+         + "\n\nMean seconds per executable: lowering, XLA compilation (or persistent-cache"
+           " load), and the background warm-up's first run:\n\n"
+         + table(execs, ["policy", "executables", "lower_s", "compile_s", "first_run_s"]))
+  if of("bucket_profile"):
+    out += ("\n\nBucket choice: every candidate length compiled and timed alone (`run_ms`: median"
+            " of three runs after the first), then bucket sets scored on this workload as if all"
+            " their buckets were compiled (`vs_exact`: expected prefill time over exact-length"
+            " prefill; `_short`: prompts of at most 100 tokens; `build_s_total`: lowering,"
+            " compilation and first run of all its buckets).\n\n"
+            + table(of("bucket_profile"), ["length", "lower_s", "compile_s", "first_run_s",
+                                            "run_ms", "temp_bytes"]) + "\n\n"
+            + table(of("bucket_set"), ["set", "count", "expected_prefill_ms", "vs_exact",
+                                        "expected_prefill_ms_short", "vs_exact_short",
+                                        "build_s_total", "buckets"]))
+  return out
+
+
 # experiment name -> section writer(rows) -> markdown. Benchmarks add theirs here.
 SECTIONS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
     "generate": _generate_section,
     "decode": _decode_section,
     "allreduce": _allreduce_section,
     "matvec": _matvec_section,
+    "ttft": _ttft_section,
 }
 
 

@@ -94,16 +94,24 @@ class Decoder:
 
   # ---- state -------------------------------------------------------------------------
 
-  def new_cache(self, batch: int) -> KVCache:
-    """An empty cache of `max_len` slots per row, sharded on KV heads."""
+  def cache_spec(self, batch: int) -> KVCache:
+    """Shapes, dtypes and shardings of a cache of `max_len` slots per row."""
     heads = sharding.HeadLayout.build(self.config.num_heads, self.config.num_kv_heads, self.tp)
-    shape = (batch, len(heads.kv_src), self.max_len, self.config.head_dim)
-    spec = NamedSharding(self.mesh, sharding.CACHE_SPEC)
-    zeros = jax.jit(lambda: jnp.zeros(shape, self.config.dtype), out_shardings=spec)
-    layers = self.config.num_layers
-    lengths = jax.device_put(jnp.zeros((batch,), jnp.int32), NamedSharding(self.mesh, P()))
-    return KVCache(tuple(zeros() for _ in range(layers)), tuple(zeros() for _ in range(layers)),
-                   lengths)
+    kv = jax.ShapeDtypeStruct((batch, len(heads.kv_src), self.max_len, self.config.head_dim),
+                              self.config.dtype, sharding=NamedSharding(self.mesh, sharding.CACHE_SPEC))
+    layers = (kv,) * self.config.num_layers
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(self.mesh, P()))
+    return KVCache(layers, layers, lengths)
+
+  def new_cache(self, batch: int) -> KVCache:
+    """An empty cache, sharded on KV heads, allocated by one cached executable."""
+    return self._zeros(batch)()
+
+  @functools.lru_cache(maxsize=None)
+  def _zeros(self, batch: int):
+    spec = self.cache_spec(batch)
+    return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec),
+                   out_shardings=jax.tree.map(lambda s: s.sharding, spec))
 
   def new_comm_state(self, batch: int) -> Any:
     """The all-reduce backend's per-rank state (None for `xla`)."""

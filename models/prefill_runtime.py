@@ -1,4 +1,4 @@
-"""Prefill in a few ahead-of-time compiled prompt lengths, compiled in the background.
+"""Batch-1 prefill in a few prompt lengths, compiled ahead of time in a background thread.
 
 Every new prompt length is a new shape, so `jax.jit` compiles for seconds the first time it
 sees one, and padding every prompt to the cache length wastes prefill compute. A
@@ -9,11 +9,12 @@ prefill equals exact-length prefill and fills the KV cache that the decode loop 
 (`Decoder.loop_fn`: one executable for every prompt length).
 
 Each bucket is lowered and compiled once (`lower(...).compile()`) and kept. With
-`background=True` one thread compiles the buckets in the order of their expected saving
-(how likely a prompt needs the bucket, from a prior and the requests seen, times the run time
-it saves over the next larger ready bucket), and runs each new executable twice once it is
-ready: the first run pays one-off costs off the request path (capturing XLA's command buffers
-as CUDA graphs on GPU; about 0.3 s on XLA:CPU), the second measures its run time. A request
+`background=True` one thread compiles the buckets: the largest first (it serves every prompt),
+then in the order of their expected saving (how likely a prompt needs the bucket, from a prior
+and the requests seen, times the run time it saves over the next larger ready bucket). It runs
+each new executable twice once it is ready: the first run pays one-off costs off the request
+path (capturing XLA's command buffers as CUDA graphs on GPU; 0.2-0.6 s on XLA:CPU), the second
+measures its run time. A request
 whose bucket is not ready takes whichever is estimated faster: waiting for its bucket (moved
 to the front of the queue) or running now in a larger ready one. Requests may come from many
 threads.
@@ -42,9 +43,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from models.decode import Decoder
 from models.llama import KVCache
 
-# Bucket spacing above the powers of two, from the CPU measurement in experiments/bench_ttft.py
-# (docs/results.md, "Prefill TTFT"): compile time per bucket is flat in its length while run
-# time grows with it.
+# Measured with experiments/bench_ttft.py (docs/prefill.md, "Bucket choice"): compile time per
+# bucket is flat in its length while run time grows with it; these 10 buckets for 512 slots
+# prefill in 1.13x the exact-length time, 17 (step 32) would reach 1.06x.
 DEFAULT_STEP = 64
 DEFAULT_SMALLEST = 16
 
@@ -97,13 +98,15 @@ class PrefillRuntime:
   """Batch-1 prefill over a `Decoder` in compiled buckets (see the module docstring).
 
   background=False compiles a bucket when a request first needs it, in that request's thread.
-  `prior_lengths` (typical prompt lengths) orders background compilation; the default is
-  uniform over 1..largest bucket, which compiles the widest (largest) buckets first.
+  `prior_lengths` (typical prompt lengths) weighs the background order; the default is uniform
+  over 1..largest bucket.
   """
 
   def __init__(self, decoder: Decoder, buckets: Sequence[int] | None = None, *,
                background: bool = True, prior_lengths: Sequence[int] | None = None):
-    buckets = tuple(sorted(set(buckets))) if buckets is not None else default_buckets(decoder.max_len)
+    if buckets is None:
+      buckets = default_buckets(decoder.max_len)
+    buckets = tuple(sorted(set(buckets)))
     if not buckets or buckets[0] < 1 or buckets[-1] > decoder.max_len:
       raise ValueError(f"buckets {list(buckets)} must be non-empty and lie in"
                        f" [1, {decoder.max_len}] (the cache length)")
@@ -115,20 +118,21 @@ class PrefillRuntime:
     self._mass = dict(zip(buckets, mass.tolist()))
     self._seen = dict.fromkeys(buckets, 0)
     self._built: dict[int, _Built] = {}
-    self._errors: dict[int, BaseException] = {}
+    self._errors: dict[int, Exception] = {}
     self._building: dict[int, float] = {}  # bucket -> start time
     self._pending = set(buckets) if background else set()  # left for the background thread
     self._waited_on: list[int] = []  # pending buckets that requests wait for, first come first
     self._paused = self._closed = False
     self._cv = threading.Condition()
     self._trace_lock = threading.Lock()  # one trace / lowering / compilation at a time
-    cache, comm = decoder.new_cache(1), decoder.new_comm_state(1)
-    self._arg_specs = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (cache, comm))
+    comm = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        decoder.new_comm_state(1))
+    self._arg_specs = (decoder.cache_spec(1), comm)
     self._replicated = NamedSharding(decoder.mesh, P())
     self._worker = None
     if background:
-      self._worker = threading.Thread(target=self._compile_loop, name="prefill-compile", daemon=True)
+      self._worker = threading.Thread(target=self._compile_loop, name="prefill-compile",
+                                      daemon=True)
       self._worker.start()
 
   # ---- requests ----------------------------------------------------------------------
@@ -167,7 +171,8 @@ class PrefillRuntime:
     if length < 1:
       raise ValueError("the prompt is empty")
     if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be at least 1 (prefill makes one), found {max_new_tokens}")
+      raise ValueError(f"max_new_tokens must be at least 1 (prefill makes one), found"
+                       f" {max_new_tokens}")
     if length > self.buckets[-1]:
       raise ValueError(f"prompt of {length} tokens exceeds the largest bucket, {self.buckets[-1]}")
     if length + max_new_tokens > self.decoder.max_len:
@@ -221,7 +226,8 @@ class PrefillRuntime:
           if bucket in self._built:
             return self._built[bucket]
           if bucket in self._errors:
-            raise RuntimeError(f"compiling the {bucket}-token bucket failed") from self._errors[bucket]
+            error = self._errors[bucket]
+            raise RuntimeError(f"compiling the {bucket}-token bucket failed") from error
           if self._closed:
             raise RuntimeError("the prefill runtime is closed")
           if not self.background and bucket not in self._building:
@@ -266,7 +272,8 @@ class PrefillRuntime:
     try:
       with self._trace_lock:
         t0 = time.perf_counter()
-        lowered = self.decoder.prefill_fn.lower(self.decoder.state, *self._arg_specs, tokens, lengths)
+        lowered = self.decoder.prefill_fn.lower(self.decoder.state, *self._arg_specs, tokens,
+                                                lengths)
         t1 = time.perf_counter()
         executable = lowered.compile()
         t2 = time.perf_counter()

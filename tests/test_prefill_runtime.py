@@ -19,8 +19,8 @@ BUCKETS = (8, 16, 32, 48, 64)
 
 def _decoder(tmp_path_factory, tp):
   config = tiny_config()
-  return decoder_from_weights(tmp_path_factory.mktemp("ckpt"), config, random_weights(config, seed=4),
-                              tp=tp, max_len=MAX_LEN)
+  return decoder_from_weights(tmp_path_factory.mktemp("ckpt"), config,
+                              random_weights(config, seed=4), tp=tp, max_len=MAX_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +41,13 @@ def _exact(decoder, prompt):
 def _assert_same_prefill(got, ref, n):
   next_ref, logits_ref, cache_ref, _ = ref
   assert int(got.next_b[0]) == int(next_ref[0])
-  np.testing.assert_allclose(np.asarray(got.logits_bv), np.asarray(logits_ref), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got.logits_bv), np.asarray(logits_ref), rtol=1e-5,
+                             atol=1e-5)
   assert np.asarray(got.cache.lengths).tolist() == [n]
   for a, b in zip(got.cache.k + got.cache.v, cache_ref.k + cache_ref.v):
     # Other shapes, other codegen: equal up to float32 rounding, not bit for bit.
-    np.testing.assert_allclose(np.asarray(a)[:, :, :n], np.asarray(b)[:, :, :n], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a)[:, :, :n], np.asarray(b)[:, :, :n], rtol=1e-6,
+                               atol=1e-6)
 
 
 def test_default_buckets():
@@ -108,11 +110,13 @@ def test_clear_errors(decoder):
   runtime = PrefillRuntime(decoder, (8, 16, 32), background=False)
   with pytest.raises(ValueError, match="prompt of 33 tokens exceeds the largest bucket, 32"):
     runtime.prefill(_prompt(33))
-  with pytest.raises(ValueError, match="prompt of 30 tokens \\+ 40 new tokens exceeds the cache length 64"):
+  with pytest.raises(ValueError,
+                     match=r"prompt of 30 tokens \+ 40 new tokens exceeds the cache length 64"):
     runtime.prefill(_prompt(30), max_new_tokens=40)
   with pytest.raises(ValueError, match="the prompt is empty"):
     runtime.prefill([])
-  with pytest.raises(ValueError, match=r"buckets \[16, 128\] must .* \[1, 64\] \(the cache length\)"):
+  with pytest.raises(ValueError,
+                     match=r"buckets \[16, 128\] must .* \[1, 64\] \(the cache length\)"):
     PrefillRuntime(decoder, (128, 16), background=False)
   assert runtime.ready() == ()  # nothing was compiled for any of them
 

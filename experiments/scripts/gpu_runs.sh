@@ -19,6 +19,8 @@ for step in "$@"; do
     decode_default) decode --backend xla,fused --command_buffers default ;;
     decode_nccl)    decode --backend xla --xla_collectives nccl --command_buffers while ;;
     decode_off)     decode --backend xla,fused --command_buffers off --profile --loops jit ;;
+    ttft)           timeout 560 python3 -m experiments.bench_ttft --model llama2-7b --tp "${TP:-1}" \
+                      --policies "${POLICIES:-buckets,hybrid,pad_max}" 2>&1 | grep -v "^I1\|^W1" | tail -30 ;;
     generate)       for tp in 1 2; do timeout 90 python3 -m experiments.generate --tp $tp 2>&1 \
                       | grep -v "^I1\|^W1" | tail -7; done ;;
     *) echo "unknown step $step" ;;
