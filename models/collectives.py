@@ -9,7 +9,7 @@ rank-local partial sum. `Comm.reduce_add_norm(partial, residual, norm_w, state)`
 
 Backends are chosen by name. A backend may keep per-rank state (a communication
 workspace, an epoch counter) that the decode loop carries and donates; the model never
-looks inside it. Kernels plug in by registering a `Backend`.
+looks inside it. Kernels plug in as entries of `BACKENDS`.
 """
 
 from __future__ import annotations
@@ -102,10 +102,6 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def register_backend(name: str, backend: Backend) -> None:
-  BACKENDS[name] = backend
-
-
 @dataclasses.dataclass(frozen=True)
 class Comm:
   """Static (hashable) description of how a rank talks to its tensor-parallel peers."""
@@ -124,6 +120,3 @@ class Comm:
 
   def rank(self) -> jax.Array:
     return lax.axis_index(self.axis)
-
-  def size(self) -> int:
-    return lax.axis_size(self.axis)

@@ -77,7 +77,8 @@ def init_random(config: LlamaConfig, mesh: Mesh, seed: int = 0):
 
 
 class Decoder:
-  """Compiled prefill / decode / generate for one model, mesh, batch size and cache length."""
+  """Compiled prefill, decode step and generation loops for one model, mesh, all-reduce
+  backend and cache length (any batch size; each shape compiles once)."""
 
   def __init__(self, config: LlamaConfig, graphdef: nnx.GraphDef, state: nnx.State, mesh: Mesh,
                *, backend: str = "xla", max_len: int = 512):

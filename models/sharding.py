@@ -16,7 +16,7 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from models.config import LlamaConfig
 
@@ -49,10 +49,6 @@ def make_mesh(tp: int) -> Mesh:
   return Mesh(np.array(devices[:tp]), (TP,))
 
 
-def param_sharding(mesh: Mesh, name: str) -> NamedSharding:
-  return NamedSharding(mesh, PARAM_SPECS[name])
-
-
 @dataclasses.dataclass(frozen=True)
 class HeadLayout:
   """Where each original attention head lives at a given tensor-parallel degree.
@@ -74,11 +70,6 @@ class HeadLayout:
   @property
   def kv_per_rank(self) -> int:
     return len(self.kv_src) // self.tp
-
-  @property
-  def is_identity(self) -> bool:
-    return self.q_src == tuple(range(len(self.q_src))) and self.kv_src == tuple(
-        range(len(self.kv_src)))
 
   @classmethod
   def build(cls, num_heads: int, num_kv_heads: int, tp: int) -> "HeadLayout":

@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MAX_BLOCKS = 32  # flag rows per rank: the largest grid any kernel config may use
@@ -61,9 +60,3 @@ def init(mesh: Mesh, axis: str, capacity: int, dtype) -> Workspace:
   ws = make()
   jax.block_until_ready(ws)  # flags are zero on every GPU before any kernel starts
   return ws
-
-
-def capacity_for(shape: tuple[int, ...], quantum: int) -> int:
-  """Elements needed for a message of `shape`, rounded up to the kernels' tiling quantum."""
-  size = int(np.prod(shape))
-  return -(-size // quantum) * quantum
