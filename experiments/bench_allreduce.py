@@ -1,6 +1,11 @@
-"""All-reduce latency by message size: XLA's psum (three ways) against the peer-write kernels.
+"""All-reduce latency: XLA's psum (three ways) against the peer-write kernels.
 
-  python -m experiments.bench_allreduce --tp 2
+  python -m experiments.bench_allreduce --tp 2                 # all-reduce by message size
+  python -m experiments.bench_allreduce --tp 2 --op add_norm   # all-reduce + add + RMSNorm
+
+`--op add_norm` measures the model's `reduce_add_norm` backends (models/collectives.py) at
+(tokens, hidden) decode shapes: `xla` (psum, then add and norm in XLA) in each psum
+flavour, `one_shot` (kernel, then add and norm in XLA) and `fused` (one kernel).
 
 XLA flags are per process, so this binary runs one child process per psum flavour
 (default collective kernels, NCCL, XLA's one-shot flag) and one for the Pallas kernels
@@ -35,13 +40,17 @@ _ITERS = flags.DEFINE_integer("iters", 50, "Loop iterations (x16 all-reduces eac
 _RUNS = flags.DEFINE_integer("runs", 10, "Timed executions per measure (median).")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one flavour and write rows to a file.")
 _OUT = flags.DEFINE_string("child_out", None, "Internal: where a child writes its rows.")
+_OP = flags.DEFINE_enum("op", "all_reduce", ["all_reduce", "add_norm"], "What to measure.")
+_TOKENS = flags.DEFINE_list("tokens", ["1", "4", "16", "64", "128"], "add_norm: token counts.")
+_HIDDEN = flags.DEFINE_list("hidden", ["4096", "5120", "8192"], "add_norm: hidden sizes.")
 
 CHAIN = 16
-FLAVOURS = {  # child name -> (XLA collectives mode, implementations measured in it)
-    "psum_default": ("default", ["xla"]),
-    "psum_nccl": ("nccl", ["xla"]),
-    "psum_xla_one_shot": ("one_shot", ["xla"]),
-    "pallas": ("default", ["one_shot", "two_shot", "auto"]),
+FLAVOURS = {  # child name -> (XLA collectives mode, implementations per op)
+    "psum_default": ("default", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
+    "psum_nccl": ("nccl", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
+    "psum_xla_one_shot": ("one_shot", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
+    "pallas": ("default", {"all_reduce": ["one_shot", "two_shot", "auto"],
+                           "add_norm": ["one_shot", "fused"]}),
 }
 
 
@@ -71,6 +80,13 @@ def _median_s(fn, runs):
   return float(np.median(samples)), samples
 
 
+def _cases(n):
+  """(tokens, hidden, bytes) of every message this op measures."""
+  if _OP.value == "add_norm":
+    return [(int(t), int(h), int(t) * int(h) * 2) for h in _HIDDEN.value for t in _TOKENS.value]
+  return [(*_shape(b), b) for b in _sizes()]
+
+
 def run_child(flavour: str, out_path: str):
   xla_env.apply("while", FLAVOURS[flavour][0])
   import jax
@@ -79,6 +95,7 @@ def run_child(flavour: str, out_path: str):
   from jax.sharding import PartitionSpec as P
 
   from experiments import cupti
+  from models.collectives import BACKENDS, init_workspace
   from models.sharding import make_mesh
   from pallas_kernels import all_reduce, workspace
 
@@ -86,47 +103,56 @@ def run_child(flavour: str, out_path: str):
   mesh = make_mesh(n)
   spec = workspace.spec("tp")
   rows = []
-  for nbytes in _sizes():
-    tokens, hidden = _shape(nbytes)
-    for impl in FLAVOURS[flavour][1]:
+  for tokens, hidden, nbytes in _cases(n):
+    for impl in FLAVOURS[flavour][1][_OP.value]:
       kernel_ok = tokens <= all_reduce.MAX_TOKENS and hidden <= all_reduce.MAX_HIDDEN
-      if impl in ("one_shot", "two_shot") and not kernel_ok:
+      if impl != "xla" and not kernel_ok:
         continue
-      cap = all_reduce.workspace_capacity(tokens, hidden, jnp.bfloat16, n) if impl != "xla" else 8192
-      ws = workspace.init(mesh, "tp", cap, jnp.bfloat16)
+      ws = init_workspace(mesh, "tp", jax.ShapeDtypeStruct((tokens, 1, hidden), jnp.bfloat16))
+      w = jnp.ones((hidden,), jnp.bfloat16)
 
-      def chain(x, ws, iters):
-        def body(_, carry):
-          y, ws = carry
+      if _OP.value == "add_norm":  # carry (partial, residual): the normed output feeds on
+        def op(carry, ws):
+          (x, r) = carry
+          x, r, ws = BACKENDS[impl].reduce_add_norm(x, r, w, 1e-5, "tp", ws)
+          return (x, r), ws
+        carry = (jax.random.normal(jax.random.key(nbytes), (n * tokens, 1, hidden), jnp.bfloat16),
+                 jax.random.normal(jax.random.key(1), (n * tokens, 1, hidden), jnp.bfloat16))
+      else:  # rescaled by 1/n so that a chain of sums stays finite
+        def op(y, ws):
+          y, ws = all_reduce.all_reduce(y, ws, "tp", impl)
+          return (y * (1.0 / n)).astype(y.dtype), ws
+        carry = jax.random.normal(jax.random.key(nbytes), (n * tokens, hidden), jnp.bfloat16)
+
+      def chain(carry, ws):
+        def body(_, c):
           for _ in range(CHAIN):
-            y, ws = all_reduce.all_reduce(y, ws, "tp", impl)
-            y = (y * (1.0 / n)).astype(y.dtype)
-          return y, ws
-        return lax.fori_loop(0, iters, body, (x, ws))
+            c = op(*c)
+          return c
+        return lax.fori_loop(0, _ITERS.value, body, (carry, ws))
 
-      def build(f):
-        f = jax.shard_map(f, mesh=mesh, in_specs=(P("tp"), spec), out_specs=(P("tp"), spec),
-                          check_vma=False)
-        return jax.jit(f, donate_argnums=1)
+      def build(fn):
+        cspec = jax.tree.map(lambda _: P("tp"), carry)
+        mapped = jax.shard_map(fn, mesh=mesh, in_specs=(cspec, spec), out_specs=(cspec, spec),
+                               check_vma=False)
+        return jax.jit(mapped, donate_argnums=1)
 
-      x = jax.random.normal(jax.random.key(nbytes), (n * tokens, hidden), jnp.bfloat16)
-      loop = build(lambda x, ws: chain(x, ws, _ITERS.value))
-      single = build(lambda x, ws: all_reduce.all_reduce(x, ws, "tp", impl))
+      loop, single = build(chain), build(op)
       state = {"ws": ws}
 
       def call(fn):
-        y, state["ws"] = fn(x, state["ws"])
-        jax.block_until_ready(y)
+        out, state["ws"] = fn(carry, state["ws"])
+        jax.block_until_ready(out)
 
       call(loop), call(single)  # compile and warm up
       loop_s, _ = _median_s(lambda: call(loop), _RUNS.value)
       one_s, _ = _median_s(lambda: call(single), _RUNS.value * 3)
       kernel_ms = cupti.kernel_ms(lambda: call(single))  # summed over the n GPUs
-      rows.append({"flavour": flavour, "impl": impl if impl != "xla" else flavour, "tp": n,
-                   "bytes": nbytes, "tokens": tokens, "hidden": hidden,
+      rows.append({"op": _OP.value, "flavour": flavour,
+                   "impl": impl if impl != "xla" else flavour, "tp": n, "bytes": nbytes,
+                   "tokens": tokens, "hidden": hidden,
                    "method": all_reduce.select(nbytes, n) if impl == "auto" else impl,
-                   "loop_us": loop_s / (_ITERS.value * CHAIN) * 1e6,
-                   "single_us": one_s * 1e6,
+                   "loop_us": loop_s / (_ITERS.value * CHAIN) * 1e6, "single_us": one_s * 1e6,
                    "kernel_us": kernel_ms["all_reduce"] / n * 1e3 if kernel_ms else None,
                    "other_kernel_us": kernel_ms.get("other", 0.0) / n * 1e3 if kernel_ms else None})
       print(json.dumps(rows[-1]), flush=True)
@@ -143,17 +169,21 @@ def main(argv):
     out = tempfile.mktemp(suffix=".json")
     cmd = [sys.executable, "-m", "experiments.bench_allreduce", f"--child={flavour}",
            f"--child_out={out}", f"--tp={_TP.value}", f"--min_bytes={_MIN.value}",
-           f"--max_bytes={_MAX.value}", f"--iters={_ITERS.value}", f"--runs={_RUNS.value}"]
+           f"--max_bytes={_MAX.value}", f"--iters={_ITERS.value}", f"--runs={_RUNS.value}",
+           f"--op={_OP.value}", f"--tokens={','.join(_TOKENS.value)}",
+           f"--hidden={','.join(_HIDDEN.value)}"]
     proc = subprocess.run(cmd, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
     if proc.returncode or not os.path.exists(out):
       print(f"flavour {flavour} failed (rc={proc.returncode})", flush=True)
       continue
     rows += json.load(open(out))
-  config = {"tp": _TP.value, "dtype": "bfloat16", "chain": CHAIN, "iters": _ITERS.value,
+  config = {"op": _OP.value, "tp": _TP.value, "dtype": "bfloat16", "chain": CHAIN,
+            "iters": _ITERS.value,
             "runs": _RUNS.value, "command_buffers": "while",
             "loop_us": "elapsed of one executable / (iters x 16); each op rescaled by 1/n",
             "flavours": {k: v[0] for k, v in FLAVOURS.items()}}
-  print(f"record: {records.write('allreduce', config, rows)}")
+  name = "allreduce" if _OP.value == "all_reduce" else "add_norm"
+  print(f"record: {records.write(name, config, rows)}")
 
 
 if __name__ == "__main__":

@@ -209,11 +209,30 @@ def _ttft_record(rows: list[dict[str, Any]]) -> str:
   return out
 
 
+def _add_norm_section(rows):
+  cols = ["tp", "impl", "tokens", "hidden", "loop_us", "single_us", "kernel_us", "git_sha", "path"]
+
+  def draw(ax):
+    for (tp, impl, hidden) in sorted({(r["tp"], r["impl"], r["hidden"]) for r in rows}):
+      pts = sorted((r["tokens"], r["loop_us"]) for r in rows
+                   if (r["tp"], r["impl"], r["hidden"]) == (tp, impl, hidden))
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+              label=f"TP{tp} {impl} h={hidden}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("µs per all-reduce + add + RMSNorm (decode-shaped loop)")
+    ax.legend(fontsize=6, ncol=2)
+
+  return ("## All-reduce + residual add + RMSNorm (experiments/bench_allreduce.py --op add_norm)\n\n"
+          + _plot("add_norm", draw) + "\n\n" + table(rows, cols))
+
+
 # experiment name -> section writer(rows) -> markdown. Benchmarks add theirs here.
 SECTIONS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
     "generate": _generate_section,
     "decode": _decode_section,
     "allreduce": _allreduce_section,
+    "add_norm": _add_norm_section,
     "matvec": _matvec_section,
     "ttft": _ttft_section,
 }

@@ -70,10 +70,10 @@ def _kernel_backend(method: str) -> Backend:
       total, ws = all_reduce.all_reduce(x, ws, axis, chosen)
     return (*_add_norm(total.reshape(b, t, d), residual, norm_w, eps), ws)
 
-  return Backend(reduce_add_norm, _init_workspace, workspace.spec)
+  return Backend(reduce_add_norm, init_workspace, workspace.spec)
 
 
-def _init_workspace(mesh, axis, example):
+def init_workspace(mesh, axis, example):
   """A workspace for one decode step's message (batch, 1, hidden) through any kernel."""
   b, _, d = example.shape
   n = mesh.shape[axis]
@@ -98,7 +98,7 @@ BACKENDS: dict[str, Backend] = {
     "one_shot": _kernel_backend("one_shot"),
     "two_shot": _kernel_backend("two_shot"),
     "auto": _kernel_backend("auto"),
-    "fused": Backend(_fused_reduce_add_norm, _init_workspace, workspace.spec),
+    "fused": Backend(_fused_reduce_add_norm, init_workspace, workspace.spec),
 }
 
 

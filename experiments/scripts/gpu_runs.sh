@@ -15,6 +15,8 @@ for step in "$@"; do
     sanitize)       bash experiments/scripts/sanitize.sh ;;
     allreduce)      timeout 560 python3 -m experiments.bench_allreduce --tp "${TP:-2}" 2>&1 \
                       | grep -v "^I1\|^W1" | tail -40 ;;
+    add_norm)       timeout 560 python3 -m experiments.bench_allreduce --tp "${TP:-2}" --op add_norm \
+                      2>&1 | grep -v "^I1\|^W1" | tail -40 ;;
     decode_while)   decode --backend xla,one_shot,fused --command_buffers while --dump_dir /tmp/dump_w ;;
     decode_default) decode --backend xla,fused --command_buffers default ;;
     decode_nccl)    decode --backend xla --xla_collectives nccl --command_buffers while ;;
