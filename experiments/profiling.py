@@ -45,8 +45,8 @@ def device_kernels(trace_dir: str) -> list[Kernel]:
       if "memcpy" in line.name.lower() or not line.name.lower().startswith("stream"):
         continue
       for ev in line.events:
-        stats = dict(ev.stats)
-        scope = str(stats.get("tf_op", "") or stats.get("name", "") or "")
+        # The op's JAX name scope sits in one of the string stats (tf_op / long_name / ...).
+        scope = " ".join(str(v) for _, v in ev.stats if isinstance(v, str))
         out.append(Kernel(plane.name, ev.name, ev.start_ns, ev.duration_ns, scope))
   return out
 
