@@ -137,7 +137,8 @@ def _claims_section(rows):
     if p:
       a, b, same = p
       lines.append(f"| decode latency, fused vs standalone all-reduce | -27% |"
-                   f" {b["tpot_ms_median"] / a["tpot_ms_median"] - 1:+.1%} ({a["model"]}, TP={a["tp"]}, psum={a["xla_collectives"]},"
+                   f" {b['tpot_ms_median'] / a['tpot_ms_median'] - 1:+.1%} ({a['model']}, TP={a['tp']},"
+                   f" psum={a['xla_collectives']},"
                    f" cb={cb}{'' if same else ', two processes'}) | {a['path']}, {b['path']} |")
   for backend in ("fused", "xla"):
     p = pair(lambda r: r["backend"] == backend and r["command_buffers"] == "default",
