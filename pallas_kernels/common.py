@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import peer_sync
 from pallas_kernels.workspace import MAX_BLOCKS, Workspace
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
@@ -31,13 +32,18 @@ class Config:
     return blocks, chunks // blocks
 
 
-def reference(x: jax.Array, axis: str) -> jax.Array:
-  """The kernels' numerics: f32 sum in rank order, rounded once (same on every rank)."""
+def rank_order_sum(x: jax.Array, axis: str) -> jax.Array:
+  """The sum over `axis` the kernels compute: f32, in rank order (same on every rank)."""
   parts = lax.all_gather(x, axis)
   acc = parts[0].astype(jnp.float32)
   for i in range(1, parts.shape[0]):
     acc = acc + parts[i].astype(jnp.float32)
-  return acc.astype(x.dtype)
+  return acc
+
+
+def reference(x: jax.Array, axis: str) -> jax.Array:
+  """The all-reduce kernels' numerics: the rank-order f32 sum, rounded once."""
+  return rank_order_sum(x, axis).astype(x.dtype)
 
 
 def flatten_padded(x: jax.Array, ws: Workspace, n: int, quantum: int) -> jax.Array:
@@ -56,7 +62,18 @@ def signals(epoch: jax.Array) -> jax.Array:
   return jnp.concatenate([2 * epoch - 1, 2 * epoch])
 
 
-def out_types(size: int, ws: Workspace):
-  return (jax.ShapeDtypeStruct((size,), ws.slots.dtype),
-          jax.ShapeDtypeStruct(ws.slots.shape, ws.slots.dtype),
-          jax.ShapeDtypeStruct(ws.flags.shape, jnp.int32))
+def launch(x: jax.Array, ws: Workspace, n: int, *, pad_to: int, chunks, make_body,
+           config: Config, name: str):
+  """Runs an all-reduce kernel in place on `ws`: `x` flattened and zero-padded to a multiple
+  of `pad_to`, a grid over `chunks(size)` chunks, `make_body(steps, size)` per block, the
+  epoch advanced by one. Returns (sum shaped like x, workspace)."""
+  flat = flatten_padded(x, ws, n, pad_to)
+  blocks, steps = config.grid(chunks(flat.size))
+  epoch = ws.epoch + 1
+  out_types = (jax.ShapeDtypeStruct((flat.size,), ws.slots.dtype),
+               jax.ShapeDtypeStruct(ws.slots.shape, ws.slots.dtype),
+               jax.ShapeDtypeStruct(ws.flags.shape, jnp.int32))
+  kernel = peer_sync.aliased_kernel(make_body(steps, flat.size), out_types, num_blocks=blocks,
+                                    aliases={2: 1, 3: 2}, name=name)
+  y, slots, flags = kernel(flat, signals(epoch), ws.slots, ws.flags)
+  return y[:x.size].reshape(x.shape), Workspace(slots, flags, epoch)

@@ -24,7 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import all_reduce as all_reduce_lib
 from pallas_kernels import common, peer_sync
-from pallas_kernels.workspace import MAX_BLOCKS, Workspace
+from pallas_kernels.workspace import Workspace
 
 VECTOR = 8 * common.THREADS  # bf16 elements in one 16-byte vector per thread
 
@@ -45,10 +45,7 @@ def fits(tokens: int, hidden: int, ws: Workspace) -> bool:
 
 def reference(partial, residual, weight, axis: str, eps: float):
   """The kernel's numerics in plain JAX."""
-  parts = lax.all_gather(partial, axis)
-  acc = parts[0].astype(jnp.float32)
-  for i in range(1, parts.shape[0]):
-    acc = acc + parts[i].astype(jnp.float32)
+  acc = common.rank_order_sum(partial, axis)
   new_residual = (residual.astype(jnp.float32) + acc).astype(residual.dtype)
   r = new_residual.astype(jnp.float32)
   inv = lax.rsqrt(jnp.mean(r * r, axis=-1, keepdims=True) + eps)
@@ -110,11 +107,11 @@ def _kernel_call(partial, residual, weight, ws: Workspace, axis: str, eps: float
   if width != hidden:
     pad = ((0, 0), (0, width - hidden))
     partial, residual, weight = jnp.pad(partial, pad), jnp.pad(residual, pad), jnp.pad(weight, pad[1])
-  blocks = max(b for b in range(1, min(config.max_blocks, MAX_BLOCKS, tokens) + 1) if tokens % b == 0)
+  blocks, rows = config.grid(tokens)
   epoch = ws.epoch + 1
   dt = partial.dtype
   kernel = peer_sync.aliased_kernel(
-      _body(n, axis, tokens // blocks, hidden, width, chunk, eps),
+      _body(n, axis, rows, hidden, width, chunk, eps),
       (jax.ShapeDtypeStruct((tokens, width), dt), jax.ShapeDtypeStruct((tokens, width), dt),
        jax.ShapeDtypeStruct(ws.slots.shape, dt), jax.ShapeDtypeStruct(ws.flags.shape, jnp.int32)),
       num_blocks=blocks, aliases={4: 2, 5: 3}, name="all_reduce_add_rms_norm")

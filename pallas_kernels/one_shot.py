@@ -58,11 +58,6 @@ def one_shot(x: jax.Array, ws: Workspace, axis: str, config: common.Config = com
   """All-reduce of this rank's `x` over mesh axis `axis`; returns (sum, workspace)."""
   n = lax.axis_size(axis)
   chunk = config.chunk(x.dtype)
-  flat = common.flatten_padded(x, ws, n, chunk)
-  blocks, steps = config.grid(flat.size // chunk)
-  epoch = ws.epoch + 1
-  kernel = peer_sync.aliased_kernel(
-      _body(n, axis, chunk, steps), common.out_types(flat.size, ws), num_blocks=blocks,
-      aliases={2: 1, 3: 2}, name="one_shot_all_reduce")
-  y, slots, flags = kernel(flat, common.signals(epoch), ws.slots, ws.flags)
-  return y[:x.size].reshape(x.shape), Workspace(slots, flags, epoch)
+  return common.launch(x, ws, n, pad_to=chunk, chunks=lambda size: size // chunk,
+                       make_body=lambda steps, _: _body(n, axis, chunk, steps), config=config,
+                       name="one_shot_all_reduce")

@@ -67,12 +67,6 @@ def two_shot(x: jax.Array, ws: Workspace, axis: str, config: common.Config = com
   """All-reduce of this rank's `x` over mesh axis `axis`; returns (sum, workspace)."""
   n = lax.axis_size(axis)
   chunk = config.chunk(x.dtype)
-  flat = common.flatten_padded(x, ws, n, chunk * n)
-  part = flat.size // n
-  blocks, steps = config.grid(part // chunk)
-  epoch = ws.epoch + 1
-  kernel = peer_sync.aliased_kernel(
-      _body(n, axis, chunk, steps, part), common.out_types(flat.size, ws), num_blocks=blocks,
-      aliases={2: 1, 3: 2}, name="two_shot_all_reduce")
-  y, slots, flags = kernel(flat, common.signals(epoch), ws.slots, ws.flags)
-  return y[:x.size].reshape(x.shape), Workspace(slots, flags, epoch)
+  return common.launch(x, ws, n, pad_to=chunk * n, chunks=lambda size: size // n // chunk,
+                       make_body=lambda steps, size: _body(n, axis, chunk, steps, size // n),
+                       config=config, name="two_shot_all_reduce")
