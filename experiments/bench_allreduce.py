@@ -43,6 +43,14 @@ _OUT = flags.DEFINE_string("child_out", None, "Internal: where a child writes it
 _OP = flags.DEFINE_enum("op", "all_reduce", ["all_reduce", "add_norm"], "What to measure.")
 _TOKENS = flags.DEFINE_list("tokens", ["1", "4", "16", "64", "128"], "add_norm: token counts.")
 _HIDDEN = flags.DEFINE_list("hidden", ["4096", "5120", "8192"], "add_norm: hidden sizes.")
+_STEP = flags.DEFINE_integer("size_step", 2, "Factor between consecutive message sizes.")
+_FROM = flags.DEFINE_string("thresholds_from", None, "An all_reduce record of this TP degree:"
+                            " auto uses the thresholds derived from it (derive_thresholds).")
+_FLAVOURS = flags.DEFINE_list("flavours", None, "Subset of the child flavours (default: all).")
+_IMPLS = flags.DEFINE_list("impls", None, "pallas flavour: subset of its implementations.")
+_CONFIGS = flags.DEFINE_list("configs", ["2:16"], "pallas flavour, all_reduce: kernel tilings"
+                             " `vectors:max_blocks` (common.Config) to sweep; the first is also"
+                             " used by auto.")
 
 CHAIN = 16
 FLAVOURS = {  # child name -> (XLA collectives mode, implementations per op)
@@ -58,16 +66,47 @@ def _sizes():
   size, out = _MIN.value, []
   while size <= _MAX.value:
     out.append(size)
-    size *= 2
+    size *= _STEP.value
   return out
 
 
+def derive_thresholds(rows: list[dict], tp: int) -> tuple[int, int]:
+  """`auto`'s (one-shot, two-shot) limits from measured rows: one-shot up to the largest size
+  at which it is the fastest of one_shot, two_shot and psum (XLA default kernels, what auto
+  falls back to); two-shot from there up to the largest size at which it beats psum."""
+  loop = {}
+  for r in rows:
+    if r["op"] == "all_reduce" and r["tp"] == tp and r["impl"] in ("one_shot", "two_shot",
+                                                                 "psum_default"):
+      loop.setdefault(r["bytes"], {})[r["impl"]] = r["loop_us"]
+  sizes = sorted(b for b, v in loop.items() if len(v) == 3)
+  if not sizes:
+    raise ValueError(f"no size with one_shot, two_shot and psum_default rows at tp={tp}")
+  one = max([b for b in sizes if loop[b]["one_shot"] <= min(loop[b].values())], default=0)
+  two = max([b for b in sizes if b > one and loop[b]["two_shot"] <= loop[b]["psum_default"]],
+            default=one)
+  return one, two
+
+
+def _apply_thresholds():
+  """Sets all_reduce.THRESHOLDS[tp] from --thresholds_from; returns what auto uses."""
+  from pallas_kernels import all_reduce
+  if _FROM.value:
+    rows = json.load(open(_FROM.value))["results"]
+    all_reduce.THRESHOLDS[_TP.value] = derive_thresholds(rows, _TP.value)
+  return {"thresholds_from": _FROM.value,
+          "thresholds": {str(k): list(v) for k, v in all_reduce.THRESHOLDS.items()}}
+
+
 def _shape(nbytes: int) -> tuple[int, int]:
-  """A (tokens, hidden) bf16 message of `nbytes`: hidden 4096 when it divides, else 1 row."""
+  """A (tokens, hidden) bf16 message of `nbytes`: the smallest hidden of 4096, 8192, 16384
+  that keeps it within the kernels' token limit, else one row (small) or hidden 16384."""
+  from pallas_kernels.all_reduce import MAX_TOKENS
   elems = nbytes // 2
-  if elems >= 4096 and elems % 4096 == 0:
-    return elems // 4096, 4096
-  return 1, elems
+  for hidden in (4096, 8192, 16384):
+    if elems >= hidden and elems % hidden == 0 and elems // hidden <= MAX_TOKENS:
+      return elems // hidden, hidden
+  return (1, elems) if elems < 4096 else (elems // 16384, 16384)
 
 
 def _median_s(fn, runs):
@@ -97,18 +136,29 @@ def run_child(flavour: str, out_path: str):
   from experiments import cupti
   from models.collectives import BACKENDS, init_workspace
   from models.sharding import make_mesh
-  from pallas_kernels import all_reduce, workspace
+  from pallas_kernels import all_reduce, common, workspace
 
   n = _TP.value
+  _apply_thresholds()
   mesh = make_mesh(n)
   spec = workspace.spec("tp")
+  configs = [common.Config(*map(int, c.split(":"))) for c in _CONFIGS.value]
+  impls = [i for i in FLAVOURS[flavour][1][_OP.value]
+           if flavour != "pallas" or not _IMPLS.value or i in _IMPLS.value]
+  variants = [(impl, cfg) for impl in impls
+              for cfg in (configs if impl in ("one_shot", "two_shot") and _OP.value == "all_reduce"
+                          else configs[:1])]
   rows = []
   for tokens, hidden, nbytes in _cases(n):
-    for impl in FLAVOURS[flavour][1][_OP.value]:
+    for impl, cfg in variants:
       kernel_ok = tokens <= all_reduce.MAX_TOKENS and hidden <= all_reduce.MAX_HIDDEN
-      if impl != "xla" and not kernel_ok:
+      if impl in ("one_shot", "two_shot") and not kernel_ok:
         continue
-      ws = init_workspace(mesh, "tp", jax.ShapeDtypeStruct((tokens, 1, hidden), jnp.bfloat16))
+      example = jax.ShapeDtypeStruct((tokens if kernel_ok else 1, 1, hidden), jnp.bfloat16)
+      ws = init_workspace(mesh, "tp", example)
+      if ws.slots.shape[-1] < (need := all_reduce.workspace_capacity(tokens, hidden,
+                                                                   jnp.bfloat16, n, cfg)):
+        ws = workspace.init(mesh, "tp", need, jnp.bfloat16)
       w = jnp.ones((hidden,), jnp.bfloat16)
 
       if _OP.value == "add_norm":  # carry (partial, residual): the normed output feeds on
@@ -120,7 +170,7 @@ def run_child(flavour: str, out_path: str):
                  jax.random.normal(jax.random.key(1), (n * tokens, 1, hidden), jnp.bfloat16))
       else:  # rescaled by 1/n so that a chain of sums stays finite
         def op(y, ws):
-          y, ws = all_reduce.all_reduce(y, ws, "tp", impl)
+          y, ws = all_reduce.all_reduce(y, ws, "tp", impl, cfg)
           return (y * (1.0 / n)).astype(y.dtype), ws
         carry = jax.random.normal(jax.random.key(nbytes), (n * tokens, hidden), jnp.bfloat16)
 
@@ -148,10 +198,13 @@ def run_child(flavour: str, out_path: str):
       loop_s, _ = _median_s(lambda: call(loop), _RUNS.value)
       one_s, _ = _median_s(lambda: call(single), _RUNS.value * 3)
       kernel_ms = cupti.kernel_ms(lambda: call(single))  # summed over the n GPUs
+      tag = "" if cfg == configs[0] else f"[v{cfg.vectors},b{cfg.max_blocks}]"
       rows.append({"op": _OP.value, "flavour": flavour,
-                   "impl": impl if impl != "xla" else flavour, "tp": n, "bytes": nbytes,
+                   "impl": (impl if impl != "xla" else flavour) + tag, "tp": n, "bytes": nbytes,
+                   "vectors": cfg.vectors, "max_blocks": cfg.max_blocks,
                    "tokens": tokens, "hidden": hidden,
-                   "method": all_reduce.select(nbytes, n) if impl == "auto" else impl,
+                   "method": (impl if impl != "auto" else
+                              all_reduce.select(nbytes, n) if kernel_ok else "xla"),
                    "loop_us": loop_s / (_ITERS.value * CHAIN) * 1e6, "single_us": one_s * 1e6,
                    "kernel_us": kernel_ms["all_reduce"] / n * 1e3 if kernel_ms else None,
                    "other_kernel_us": kernel_ms.get("other", 0.0) / n * 1e3 if kernel_ms else None})
@@ -165,13 +218,13 @@ def main(argv):
   if _CHILD.value:
     return run_child(_CHILD.value, _OUT.value)
   rows = []
-  for flavour in FLAVOURS:
+  flavours = _FLAVOURS.value or list(FLAVOURS)
+  if unknown := sorted(set(flavours) - set(FLAVOURS)):
+    raise app.UsageError(f"unknown --flavours {unknown}; choose from {list(FLAVOURS)}")
+  for flavour in flavours:
     out = tempfile.mktemp(suffix=".json")
-    cmd = [sys.executable, "-m", "experiments.bench_allreduce", f"--child={flavour}",
-           f"--child_out={out}", f"--tp={_TP.value}", f"--min_bytes={_MIN.value}",
-           f"--max_bytes={_MAX.value}", f"--iters={_ITERS.value}", f"--runs={_RUNS.value}",
-           f"--op={_OP.value}", f"--tokens={','.join(_TOKENS.value)}",
-           f"--hidden={','.join(_HIDDEN.value)}"]
+    cmd = [sys.executable, "-m", "experiments.bench_allreduce", *sys.argv[1:],
+           f"--child={flavour}", f"--child_out={out}"]  # the child sees this run's flags
     proc = subprocess.run(cmd, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
     if proc.returncode or not os.path.exists(out):
       print(f"flavour {flavour} failed (rc={proc.returncode})", flush=True)
@@ -181,7 +234,8 @@ def main(argv):
             "iters": _ITERS.value,
             "runs": _RUNS.value, "command_buffers": "while",
             "loop_us": "elapsed of one executable / (iters x 16); each op rescaled by 1/n",
-            "flavours": {k: v[0] for k, v in FLAVOURS.items()}}
+            "flavours": {k: FLAVOURS[k][0] for k in flavours}, "configs": _CONFIGS.value,
+            "impls": _IMPLS.value, "size_step": _STEP.value, **_apply_thresholds()}
   name = "allreduce" if _OP.value == "all_reduce" else "add_norm"
   print(f"record: {records.write(name, config, rows)}")
 

@@ -96,8 +96,10 @@ def note_reference(method: str):
     _warned_cpu = True
 
 
-def all_reduce(x: jax.Array, ws: Workspace, axis: str, method: str = "auto"):
-  """Sum of `x` over `axis`; returns (result, workspace). Call inside shard_map."""
+def all_reduce(x: jax.Array, ws: Workspace, axis: str, method: str = "auto",
+               config: common.Config = common.Config()):
+  """Sum of `x` over `axis`; returns (result, workspace). Call inside shard_map.
+  `config` tiles the kernels (benchmarks sweep it; the default is the tuned one)."""
   n = check(x, axis, method)
   if method == "auto":
     tokens, hidden = x.shape
@@ -111,7 +113,7 @@ def all_reduce(x: jax.Array, ws: Workspace, axis: str, method: str = "auto"):
   note_reference(method)
 
   def on_gpu(x, ws):
-    return kernel(x, ws, axis)
+    return kernel(x, ws, axis, config)
 
   def elsewhere(x, ws):  # same state semantics: the epoch advances, the buffers stay
     return reference(x, axis), ws._replace(epoch=ws.epoch + 1)

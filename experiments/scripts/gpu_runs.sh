@@ -5,22 +5,27 @@
 # Steps that load SmolLM2 need .carry_a and .carry_b (the wheel in two parts, see gpu_env.sh).
 source experiments/scripts/gpu_env.sh
 export TPDECODE_GIT_SHA=${TPDECODE_GIT_SHA:-unknown}
+bench() { timeout "$1" python3 -m "experiments.$2" "${@:3}" 2>&1 | grep -v "^I1\|^W1" | tail -40; }
 decode() { timeout 280 python3 -m experiments.bench_decode --model llama2-7b --tp "${TPS:-1,2}" "$@" \
              2>&1 | grep -v "^I1\|^W1" | tail -30; }
 for step in "$@"; do
   echo "=== $step"
   case $step in
-    tests)          TEST_TIMEOUT=500 bash experiments/scripts/gpu_tests.sh tests ;;
+    tests)          TEST_TIMEOUT=300 bash experiments/scripts/gpu_tests.sh -m gpu tests ;;
     smoke)          timeout 170 python3 experiments/scripts/allreduce_smoke.py 2>&1 | grep -v "^I1\|^W1" ;;
     sanitize)       bash experiments/scripts/sanitize.sh ;;
-    allreduce)      timeout 560 python3 -m experiments.bench_allreduce --tp "${TP:-2}" 2>&1 \
-                      | grep -v "^I1\|^W1" | tail -40 ;;
+    tune)           bench 200 bench_allreduce --tp "${TP:-2}" --flavours pallas --impls one_shot,two_shot \
+                      --configs 2:16,1:16,4:16,4:32,8:32 --min_bytes 8192 --max_bytes 8388608 --size_step 4 ;;
+    allreduce)      bench 330 bench_allreduce --tp "${TP:-2}" | tee /tmp/sweep.log
+                    rec=$(sed -n 's/^record: //p' /tmp/sweep.log)  # auto, with thresholds from it
+                    [ -n "$rec" ] && bench 200 bench_allreduce --tp "${TP:-2}" --impls auto \
+                      --flavours psum_default,psum_nccl,pallas --thresholds_from "$rec" ;;
     add_norm)       timeout 560 python3 -m experiments.bench_allreduce --tp "${TP:-2}" --op add_norm \
                       2>&1 | grep -v "^I1\|^W1" | tail -40 ;;
-    decode_while)   decode --backend xla,one_shot,fused --command_buffers while --dump_dir /tmp/dump_w ;;
-    decode_default) decode --backend xla,fused --command_buffers default ;;
-    decode_nccl)    decode --backend xla --xla_collectives nccl --command_buffers while ;;
-    decode_off)     decode --backend xla,fused --command_buffers off --profile --loops jit ;;
+    decode_while)   decode --backend xla,one_shot,fused --command_buffers while --dump_dir /tmp/dump_w --runs 4 ;;
+    decode_default) decode --backend xla,fused --command_buffers default --runs 4 ;;
+    decode_nccl)    TPS=2 decode --backend xla --xla_collectives nccl --command_buffers while --runs 4 ;;
+    decode_off)     decode --backend xla,fused --command_buffers off --profile --runs 4 ;;
     ttft)           timeout 560 python3 -m experiments.bench_ttft --model llama2-7b --tp "${TP:-1}" \
                       --policies "${POLICIES:-buckets,hybrid,pad_max}" 2>&1 | grep -v "^I1\|^W1" | tail -30 ;;
     generate)       for tp in 1 2; do timeout 90 python3 -m experiments.generate --tp $tp 2>&1 \
