@@ -76,7 +76,7 @@ def derive_thresholds(rows: list[dict], tp: int) -> tuple[int, int]:
   falls back to); two-shot from there up to the largest size at which it beats psum."""
   loop = {}
   for r in rows:
-    if r["op"] == "all_reduce" and r["tp"] == tp and r["impl"] in ("one_shot", "two_shot",
+    if r["op"] == "all_reduce" and r["tp"] == tp and r["loop_us"] and r["impl"] in ("one_shot", "two_shot",
                                                                  "psum_default"):
       loop.setdefault(r["bytes"], {})[r["impl"]] = r["loop_us"]
   sizes = sorted(b for b, v in loop.items() if len(v) == 3)
@@ -155,10 +155,12 @@ def run_child(flavour: str, out_path: str):
       if impl in ("one_shot", "two_shot") and not kernel_ok:
         continue
       example = jax.ShapeDtypeStruct((tokens if kernel_ok else 1, 1, hidden), jnp.bfloat16)
-      ws = init_workspace(mesh, "tp", example)
-      if ws.slots.shape[-1] < (need := all_reduce.workspace_capacity(tokens, hidden,
-                                                                   jnp.bfloat16, n, cfg)):
-        ws = workspace.init(mesh, "tp", need, jnp.bfloat16)
+      need = all_reduce.workspace_capacity(tokens, hidden, jnp.bfloat16, n, cfg) if kernel_ok else 0
+
+      def fresh_ws():
+        ws = init_workspace(mesh, "tp", example)
+        return ws if ws.slots.shape[-1] >= need else workspace.init(mesh, "tp", need, jnp.bfloat16)
+
       w = jnp.ones((hidden,), jnp.bfloat16)
 
       if _OP.value == "add_norm":  # carry (partial, residual): the normed output feeds on
@@ -188,16 +190,23 @@ def run_child(flavour: str, out_path: str):
         return jax.jit(mapped, donate_argnums=1)
 
       loop, single = build(chain), build(op)
-      state = {"ws": ws}
+      state = {"ws": fresh_ws()}
 
       def call(fn):
         out, state["ws"] = fn(carry, state["ws"])
         jax.block_until_ready(out)
 
-      call(loop), call(single)  # compile and warm up
-      loop_s, _ = _median_s(lambda: call(loop), _RUNS.value)
-      one_s, _ = _median_s(lambda: call(single), _RUNS.value * 3)
-      kernel_ms = cupti.kernel_ms(lambda: call(single))  # summed over the n GPUs
+      def measure(fn, runs):  # (median s, None) or (None, error): a failure costs one row
+        try:
+          call(fn)  # compile and warm up
+          return _median_s(lambda: call(fn), runs)[0], None
+        except jax.errors.JaxRuntimeError as e:
+          state["ws"] = fresh_ws()  # the failed call may have consumed the donated one
+          return None, str(e).splitlines()[0][:300]
+
+      loop_s, loop_err = measure(loop, _RUNS.value)
+      one_s, one_err = measure(single, _RUNS.value * 3)
+      kernel_ms = cupti.kernel_ms(lambda: call(single)) if one_s else None  # summed over GPUs
       tag = "" if cfg == configs[0] else f"[v{cfg.vectors},b{cfg.max_blocks}]"
       rows.append({"op": _OP.value, "flavour": flavour,
                    "impl": (impl if impl != "xla" else flavour) + tag, "tp": n, "bytes": nbytes,
@@ -205,12 +214,13 @@ def run_child(flavour: str, out_path: str):
                    "tokens": tokens, "hidden": hidden,
                    "method": (impl if impl != "auto" else
                               all_reduce.select(nbytes, n) if kernel_ok else "xla"),
-                   "loop_us": loop_s / (_ITERS.value * CHAIN) * 1e6, "single_us": one_s * 1e6,
+                   "loop_us": loop_s and loop_s / (_ITERS.value * CHAIN) * 1e6,
+                   "single_us": one_s and one_s * 1e6, "error": loop_err or one_err,
                    "kernel_us": kernel_ms["all_reduce"] / n * 1e3 if kernel_ms else None,
                    "other_kernel_us": kernel_ms.get("other", 0.0) / n * 1e3 if kernel_ms else None})
       print(json.dumps(rows[-1]), flush=True)
-  with open(out_path, "w") as f:
-    json.dump(rows, f)
+      with open(out_path, "w") as f:  # after every row: a crash later keeps what was measured
+        json.dump(rows, f)
 
 
 def main(argv):
@@ -226,10 +236,10 @@ def main(argv):
     cmd = [sys.executable, "-m", "experiments.bench_allreduce", *sys.argv[1:],
            f"--child={flavour}", f"--child_out={out}"]  # the child sees this run's flags
     proc = subprocess.run(cmd, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
-    if proc.returncode or not os.path.exists(out):
-      print(f"flavour {flavour} failed (rc={proc.returncode})", flush=True)
-      continue
-    rows += json.load(open(out))
+    if proc.returncode:
+      print(f"flavour {flavour} failed (rc={proc.returncode}); keeping its rows so far", flush=True)
+    if os.path.exists(out):
+      rows += json.load(open(out))
   config = {"op": _OP.value, "tp": _TP.value, "dtype": "bfloat16", "chain": CHAIN,
             "iters": _ITERS.value,
             "runs": _RUNS.value, "command_buffers": "while",

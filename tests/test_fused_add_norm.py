@@ -56,11 +56,11 @@ def test_reference_equals_psum_add_norm(n, shape):
   assert np.asarray(ws.epoch).tolist() == [1] * n
 
 
+@pytest.mark.parametrize("dt", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("n", [2, 4, 8])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_lowers_for_cuda_without_multicast(n, shape):
+def test_lowers_for_cuda_without_multicast(n, shape, dt):
   mesh = _mesh(n)
-  dt = jnp.bfloat16
   x = jax.ShapeDtypeStruct((n * shape[0], shape[1]), dt)
   w = jax.ShapeDtypeStruct((shape[1],), dt)
   text = lowering_checks.lower_for_cuda(_fn(mesh), x, x, w, _ws(mesh, n, *shape, dt, abstract=True))

@@ -62,15 +62,16 @@ def test_ten_thousand_back_to_back_calls():
     w = jnp.ones((hidden,), jnp.bfloat16)
 
     def chain(p, r, ws):
-      def body(i, c):
-        x, res, x_ref, res_ref, ws, bad = c
+      def body(i, c):  # each call checked against the reference on the same inputs
+        x, res, ws, bad = c
         part = (p + x * 0.25 + i.astype(jnp.bfloat16) * 1e-3).astype(p.dtype)
-        part_ref = (p + x_ref * 0.25 + i.astype(jnp.bfloat16) * 1e-3).astype(p.dtype)
-        x, res, ws = fused_add_norm.all_reduce_add_norm(part, res * 0.5, w, ws, "tp", 1e-5)
-        x_ref, res_ref = fused_add_norm.reference(part_ref, res_ref * 0.5, w, "tp", 1e-5)
-        return x, res, x_ref, res_ref, ws, bad + jnp.sum(res != res_ref)
-      out = lax.fori_loop(0, 10_000, body, (r, r, r, r, ws, jnp.int32(0)))
-      return out[4], lax.psum(out[5], "tp")
+        x, new_res, ws = fused_add_norm.all_reduce_add_norm(part, res * 0.5, w, ws, "tp", 1e-5)
+        x_ref, res_ref = fused_add_norm.reference(part, res * 0.5, w, "tp", 1e-5)
+        err = jnp.abs(x.astype(jnp.float32) - x_ref.astype(jnp.float32))
+        bad += jnp.sum(new_res != res_ref) + jnp.sum(err > 0.0625)
+        return x, new_res, ws, bad
+      out = lax.fori_loop(0, 10_000, body, (r, r, ws, jnp.int32(0)))
+      return out[2], lax.psum(out[3], "tp")
 
     f = jax.jit(jax.shard_map(chain, mesh=mesh, in_specs=(P("tp"), P(), spec),
                               out_specs=(spec, P()), check_vma=False), donate_argnums=2)

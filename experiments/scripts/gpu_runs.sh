@@ -5,7 +5,7 @@
 # Steps that load SmolLM2 need .carry_a and .carry_b (the wheel in two parts, see gpu_env.sh).
 source experiments/scripts/gpu_env.sh
 export TPDECODE_GIT_SHA=${TPDECODE_GIT_SHA:-unknown}
-bench() { timeout "$1" python3 -m "experiments.$2" "${@:3}" 2>&1 | grep -v "^I1\|^W1" | tail -40; }
+bench() { timeout "$1" python3 -m "experiments.$2" "${@:3}" 2>&1 | grep -v "^I1\|^W1" | tee -a $OUT/full.log | tail -40; }
 decode() { timeout 280 python3 -m experiments.bench_decode --model llama2-7b --tp "${TPS:-1,2}" "$@" \
              2>&1 | grep -v "^I1\|^W1" | tail -30; }
 for step in "$@"; do
