@@ -15,9 +15,15 @@ Measures, per implementation and bf16 message size (bytes per rank):
 - `loop_us`: the decode-shaped measure. A `fori_loop` whose body chains 16 all-reduces
   (each result rescaled by 1/n so that values stay finite; the same for every
   implementation), compiled with `+WHILE` command buffers into one graph; elapsed time
-  of the whole executable / (iterations x 16), idle gaps included.
+  of the whole executable / (iterations x 16), idle gaps included. NCCL cannot run inside
+  a graph's WHILE node (instantiation fails, seen on 2xH200), so `psum_nccl` runs the same
+  loop with XLA's default command buffers: a host-driven loop, as NCCL runs in decode.
 - `single_us`: one all-reduce per jitted call, end to end on the host.
-- `kernel_us`: GPU time of the all-reduce kernels per op (CUPTI), gaps excluded.
+- `kernel_us`: GPU time of the all-reduce kernels per op (CUPTI over one loop execution,
+  so the ranks run in lockstep; a kernel that waits for its peer counts the wait).
+
+A size or implementation that fails (an XLA error, e.g. a graph that cannot be
+instantiated) is recorded with its `error` and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ _HIDDEN = flags.DEFINE_list("hidden", ["4096", "5120", "8192"], "add_norm: hidde
 _STEP = flags.DEFINE_integer("size_step", 2, "Factor between consecutive message sizes.")
 _FROM = flags.DEFINE_string("thresholds_from", None, "An all_reduce record of this TP degree:"
                             " auto uses the thresholds derived from it (derive_thresholds).")
+_CUPTI = flags.DEFINE_bool("cupti", True, "Measure kernel times with CUPTI.")
 _FLAVOURS = flags.DEFINE_list("flavours", None, "Subset of the child flavours (default: all).")
 _IMPLS = flags.DEFINE_list("impls", None, "pallas flavour: subset of its implementations.")
 _CONFIGS = flags.DEFINE_list("configs", ["2:16"], "pallas flavour, all_reduce: kernel tilings"
@@ -53,12 +60,12 @@ _CONFIGS = flags.DEFINE_list("configs", ["2:16"], "pallas flavour, all_reduce: k
                              " used by auto.")
 
 CHAIN = 16
-FLAVOURS = {  # child name -> (XLA collectives mode, implementations per op)
-    "psum_default": ("default", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
-    "psum_nccl": ("nccl", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
-    "psum_xla_one_shot": ("one_shot", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
-    "pallas": ("default", {"all_reduce": ["one_shot", "two_shot", "auto"],
-                           "add_norm": ["one_shot", "fused"]}),
+FLAVOURS = {  # child -> (XLA collectives mode, command buffers, implementations per op)
+    "psum_default": ("default", "while", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
+    "psum_nccl": ("nccl", "default", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
+    "psum_xla_one_shot": ("one_shot", "while", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
+    "pallas": ("default", "while", {"all_reduce": ["one_shot", "two_shot", "auto"],
+                                    "add_norm": ["one_shot", "fused"]}),
 }
 
 
@@ -127,7 +134,8 @@ def _cases(n):
 
 
 def run_child(flavour: str, out_path: str):
-  xla_env.apply("while", FLAVOURS[flavour][0])
+  collectives, command_buffers, impls_by_op = FLAVOURS[flavour]
+  xla_env.apply(command_buffers, collectives)
   import jax
   import jax.numpy as jnp
   from jax import lax
@@ -143,7 +151,7 @@ def run_child(flavour: str, out_path: str):
   mesh = make_mesh(n)
   spec = workspace.spec("tp")
   configs = [common.Config(*map(int, c.split(":"))) for c in _CONFIGS.value]
-  impls = [i for i in FLAVOURS[flavour][1][_OP.value]
+  impls = [i for i in impls_by_op[_OP.value]
            if flavour != "pallas" or not _IMPLS.value or i in _IMPLS.value]
   variants = [(impl, cfg) for impl in impls
               for cfg in (configs if impl in ("one_shot", "two_shot") and _OP.value == "all_reduce"
@@ -206,7 +214,8 @@ def run_child(flavour: str, out_path: str):
 
       loop_s, loop_err = measure(loop, _RUNS.value)
       one_s, one_err = measure(single, _RUNS.value * 3)
-      kernel_ms = cupti.kernel_ms(lambda: call(single)) if one_s else None  # summed over GPUs
+      kernel_ms = (cupti.kernel_ms(lambda: call(loop)) if loop_s and _CUPTI.value
+                   else None)  # summed over the GPUs and the loop's ops
       tag = "" if cfg == configs[0] else f"[v{cfg.vectors},b{cfg.max_blocks}]"
       rows.append({"op": _OP.value, "flavour": flavour,
                    "impl": (impl if impl != "xla" else flavour) + tag, "tp": n, "bytes": nbytes,
@@ -216,8 +225,11 @@ def run_child(flavour: str, out_path: str):
                               all_reduce.select(nbytes, n) if kernel_ok else "xla"),
                    "loop_us": loop_s and loop_s / (_ITERS.value * CHAIN) * 1e6,
                    "single_us": one_s and one_s * 1e6, "error": loop_err or one_err,
-                   "kernel_us": kernel_ms["all_reduce"] / n * 1e3 if kernel_ms else None,
-                   "other_kernel_us": kernel_ms.get("other", 0.0) / n * 1e3 if kernel_ms else None})
+                   "command_buffers": command_buffers,
+                   "kernel_measure": "loop",  # earlier records: one call, peer skew included
+                   **{name: (kernel_ms.get(k, 0.0) / n / (_ITERS.value * CHAIN) * 1e3
+                             if kernel_ms else None)
+                      for name, k in (("kernel_us", "all_reduce"), ("other_kernel_us", "other"))}})
       print(json.dumps(rows[-1]), flush=True)
       with open(out_path, "w") as f:  # after every row: a crash later keeps what was measured
         json.dump(rows, f)
@@ -242,9 +254,9 @@ def main(argv):
       rows += json.load(open(out))
   config = {"op": _OP.value, "tp": _TP.value, "dtype": "bfloat16", "chain": CHAIN,
             "iters": _ITERS.value,
-            "runs": _RUNS.value, "command_buffers": "while",
+            "runs": _RUNS.value, "cupti": _CUPTI.value,
             "loop_us": "elapsed of one executable / (iters x 16); each op rescaled by 1/n",
-            "flavours": {k: FLAVOURS[k][0] for k in flavours}, "configs": _CONFIGS.value,
+            "flavours": {k: FLAVOURS[k][:2] for k in flavours}, "configs": _CONFIGS.value,
             "impls": _IMPLS.value, "size_step": _STEP.value, **_apply_thresholds()}
   name = "allreduce" if _OP.value == "all_reduce" else "add_norm"
   print(f"record: {records.write(name, config, rows)}")

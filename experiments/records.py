@@ -35,6 +35,10 @@ def summarize(samples: Iterable[float], prefix: str = "") -> dict[str, float]:
 
 
 def _git_sha() -> str:
+  """TPDECODE_GIT_SHA when set (the GPU machine's copy of the tree carries a stale .git: the
+  commit that was sent is named by the command), else the checkout's HEAD (+ -dirty)."""
+  if sha := os.environ.get("TPDECODE_GIT_SHA"):
+    return sha
   try:
     root = pathlib.Path(__file__).resolve().parent.parent
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -43,7 +47,7 @@ def _git_sha() -> str:
                            capture_output=True, text=True, check=True).stdout.strip()
     return sha + ("-dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
-    return os.environ.get("TPDECODE_GIT_SHA", "unknown")
+    return "unknown"
 
 
 def environment() -> dict[str, Any]:

@@ -29,11 +29,16 @@ METHODS = ("auto", "one_shot", "two_shot", "xla")
 MAX_TOKENS = 256
 MAX_HIDDEN = 16384
 
-# Largest message (bytes per rank) each kernel takes under `auto`, by TP degree. Initial
-# values follow XLA's built-in NVLink kernel (one-shot up to 256 KiB, two-shot up to a few
-# MiB; docs/allreduce.md); experiments/bench_allreduce.py measures the crossover points.
+# Largest message (bytes per rank) each kernel takes under `auto`, by TP degree.
+# TP=2: derived by experiments/bench_allreduce.derive_thresholds from the 2xH200 sweep
+# experiments/results/allreduce/20261122T012716968907Z.json: one-shot is the fastest up to
+# 128 KiB (8.2-9.7 us per op against 14.6-16.6 us for psum), two-shot never beats it
+# there, and above 128 KiB the kernels were not measured (the sweep aborted at 256 KiB,
+# docs/allreduce.md), so psum takes over; auto with these values:
+# .../allreduce/20261122T012834635109Z.json. TP=4 and TP=8 (not measured: no such
+# machine lent yet) follow XLA's built-in NVLink kernel limits.
 THRESHOLDS: dict[int, tuple[int, int]] = {
-    2: (256 << 10, 4 << 20),
+    2: (128 << 10, 128 << 10),
     4: (256 << 10, 2 << 20),
     8: (128 << 10, 2 << 20),
 }
