@@ -162,7 +162,24 @@ def test_message_larger_than_workspace():
                                    jax.ShapeDtypeStruct((8, 4096), jnp.bfloat16), ws)
 
 
-def test_auto_thresholds_pick_by_size():
-  assert all_reduce.select(8 << 10, 2) == "one_shot"
-  assert all_reduce.select(1 << 20, 2) == "two_shot"
-  assert all_reduce.select(64 << 20, 2) == "xla"
+@pytest.mark.parametrize("n", sorted(all_reduce.THRESHOLDS))
+def test_auto_thresholds_pick_by_size(n):
+  one, two = all_reduce.THRESHOLDS[n]
+  assert all_reduce.select(4 << 10, n) == all_reduce.select(one, n) == "one_shot"
+  assert all_reduce.select(two + 1, n) == all_reduce.select(64 << 20, n) == "xla"
+  if two > one:
+    assert all_reduce.select(one + 1, n) == all_reduce.select(two, n) == "two_shot"
+
+
+def test_thresholds_derived_from_measured_rows():
+  from experiments.bench_allreduce import derive_thresholds
+  us = {  # bytes -> (one_shot, two_shot, psum_default) loop µs
+      8192: (8, 11, 15), 65536: (9, 11, 15), 262144: (14, 12, 15), 1 << 20: (30, 19, 20),
+      4 << 20: (90, 45, 37)}
+  rows = [{"op": "all_reduce", "tp": 2, "impl": impl, "bytes": b, "loop_us": v}
+          for b, vals in us.items() for impl, v in zip(("one_shot", "two_shot", "psum_default"), vals)]
+  rows.append({"op": "all_reduce", "tp": 2, "impl": "psum_default", "bytes": 8 << 20,
+               "loop_us": None})  # a failed case is ignored
+  assert derive_thresholds(rows, 2) == (65536, 1 << 20)
+  with pytest.raises(ValueError, match="no size with one_shot, two_shot and psum_default"):
+    derive_thresholds(rows, 4)
