@@ -144,7 +144,7 @@ def run_child(flavour: str, out_path: str):
   from experiments import cupti
   from models.collectives import BACKENDS, init_workspace
   from models.sharding import make_mesh
-  from pallas_kernels import all_reduce, common, workspace
+  from pallas_kernels import all_reduce, common, lowering_checks, workspace
 
   n = _TP.value
   _apply_thresholds()
@@ -212,6 +212,11 @@ def run_child(flavour: str, out_path: str):
           state["ws"] = fresh_ws()  # the failed call may have consumed the donated one
           return None, str(e).splitlines()[0][:300]
 
+      copies = None
+      if impl != "xla" and jax.default_backend() == "gpu":
+        # Workspace copies break the peer-write protocol (lowering_checks.workspace_copies).
+        hlo = loop.lower(carry, state["ws"]).compile().as_text()
+        copies = len(lowering_checks.workspace_copies(hlo, state["ws"]))
       loop_s, loop_err = measure(loop, _RUNS.value)
       one_s, one_err = measure(single, _RUNS.value * 3)
       kernel_ms = (cupti.kernel_ms(lambda: call(loop)) if loop_s and _CUPTI.value
@@ -225,7 +230,7 @@ def run_child(flavour: str, out_path: str):
                               all_reduce.select(nbytes, n) if kernel_ok else "xla"),
                    "loop_us": loop_s and loop_s / (_ITERS.value * CHAIN) * 1e6,
                    "single_us": one_s and one_s * 1e6, "error": loop_err or one_err,
-                   "command_buffers": command_buffers,
+                   "command_buffers": command_buffers, "workspace_copies": copies,
                    "kernel_measure": "loop",  # earlier records: one call, peer skew included
                    **{name: (kernel_ms.get(k, 0.0) / n / (_ITERS.value * CHAIN) * 1e3
                              if kernel_ms else None)

@@ -25,3 +25,34 @@ def mosaic_calls(hlo_text: str) -> list[str]:
 def multicast_uses(hlo_text: str) -> list[str]:
   """Forbidden multicast markers found in the module (including serialized kernels)."""
   return [m for m in MULTICAST_MARKERS if re.search(m, hlo_text, re.IGNORECASE)]
+
+
+def workspace_copies(optimized_hlo: str, ws) -> list[str]:
+  """Copy instructions of a compiled (optimized) HLO module whose shape is one of the
+  per-rank workspace buffers (slots or flags) of the global workspace `ws`.
+
+  The protocol needs every kernel to run on THE workspace buffer: peers write into it before
+  this rank's kernel starts, so a copy that XLA inserts in front of a kernel (to resolve an
+  alias, or around a loop-carried value) can overwrite a peer's data or flag. Run on the GPU
+  machine: `jax.jit(f).lower(*args).compile().as_text()`.
+  """
+  n = ws.slots.shape[1]
+  shapes = {f"{_hlo_type(a.dtype)}[{','.join(map(str, (a.shape[0] // n, *a.shape[1:])))}]"
+            for a in (ws.slots, ws.flags)}
+  inst = re.compile(r"%(\S+)\s*=\s*(.+?)\s+([\w-]+)\(")  # name = type opcode(
+  hits = []
+  for line in optimized_hlo.splitlines():
+    m = inst.search(line)
+    if not m:
+      continue
+    name, type_, opcode = m.groups()
+    is_copy = opcode in ("copy", "copy-start") or (opcode == "fusion" and "copy" in name)
+    if is_copy and any(s in type_ for s in shapes):
+      hits.append(line.strip()[:200])
+  return hits
+
+
+def _hlo_type(dtype) -> str:
+  import numpy as np
+  name = np.dtype(dtype).name
+  return {"bfloat16": "bf16", "float32": "f32", "int32": "s32", "float16": "f16"}.get(name, name)

@@ -183,3 +183,17 @@ def test_thresholds_derived_from_measured_rows():
   assert derive_thresholds(rows, 2) == (65536, 1 << 20)
   with pytest.raises(ValueError, match="no size with one_shot, two_shot and psum_default"):
     derive_thresholds(rows, 4)
+
+
+def test_workspace_copies_found_in_optimized_hlo():
+  ws = workspace.Workspace(jax.ShapeDtypeStruct((4, 2, 4096), jnp.bfloat16),
+                           jax.ShapeDtypeStruct((64, 2, 2), jnp.int32),
+                           jax.ShapeDtypeStruct((2,), jnp.int32))
+  hlo = """
+  %copy.3 = bf16[2,2,4096]{2,1,0} copy(bf16[2,2,4096]{2,1,0} %p)
+  %copy.4 = f32[4]{0} copy(f32[4]{0} %y)
+  %copy-start.1 = (s32[32,2,2]{2,1,0}, s32[32,2,2]{2,1,0}, u32[]) copy-start(s32[32,2,2]{2,1,0} %f)
+  %wrapped_copy.2 = s32[32,2,2]{2,1,0} fusion(s32[32,2,2]{2,1,0} %f), kind=kLoop, calls=%w
+  ROOT %add = bf16[2,2,4096]{2,1,0} add(bf16[2,2,4096]{2,1,0} %p, bf16[2,2,4096]{2,1,0} %p)"""
+  found = lowering_checks.workspace_copies(hlo, ws)
+  assert [line.split()[0] for line in found] == ["%copy.3", "%copy-start.1", "%wrapped_copy.2"]

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from model_helpers import gpu_ranks
 from models.sharding import make_mesh
-from pallas_kernels import all_reduce, common, workspace
+from pallas_kernels import all_reduce, common, lowering_checks, workspace
 
 pytestmark = pytest.mark.gpu(count=2)
 SHAPES = [(1, 576), (1, 4096), (2, 2048), (7, 5120), (16, 8192), (64, 4096), (128, 8192),
@@ -82,7 +82,9 @@ def test_ten_thousand_back_to_back_calls(method):
                      donate_argnums=1)
 
     x = jax.random.normal(jax.random.key(n), (n * shape[0], shape[1]), jnp.bfloat16)
-    _, _, ws, bad = build(10_000)(x, ws)
+    loop = build(10_000)
+    assert lowering_checks.workspace_copies(loop.lower(x, ws).compile().as_text(), ws) == []
+    _, _, ws, bad = loop(x, ws)
     assert int(bad) == 0
     one = build(1)
     for _ in range(200):
