@@ -29,10 +29,6 @@ instantiated) is recorded with its `error` and the sweep goes on.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 
 from absl import app, flags
@@ -244,19 +240,10 @@ def main(argv):
   del argv
   if _CHILD.value:
     return run_child(_CHILD.value, _OUT.value)
-  rows = []
   flavours = _FLAVOURS.value or list(FLAVOURS)
   if unknown := sorted(set(flavours) - set(FLAVOURS)):
     raise app.UsageError(f"unknown --flavours {unknown}; choose from {list(FLAVOURS)}")
-  for flavour in flavours:
-    out = tempfile.mktemp(suffix=".json")
-    cmd = [sys.executable, "-m", "experiments.bench_allreduce", *sys.argv[1:],
-           f"--child={flavour}", f"--child_out={out}"]  # the child sees this run's flags
-    proc = subprocess.run(cmd, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
-    if proc.returncode:
-      print(f"flavour {flavour} failed (rc={proc.returncode}); keeping its rows so far", flush=True)
-    if os.path.exists(out):
-      rows += json.load(open(out))
+  rows = xla_env.run_children("experiments.bench_allreduce", flavours)
   config = {"op": _OP.value, "tp": _TP.value, "dtype": "bfloat16", "chain": CHAIN,
             "iters": _ITERS.value,
             "runs": _RUNS.value, "cupti": _CUPTI.value,

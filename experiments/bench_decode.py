@@ -34,6 +34,8 @@ _CB = flags.DEFINE_enum("command_buffers", "default", list(xla_env.COMMAND_BUFFE
                         "XLA command buffers: default set, off, or the whole loop (+WHILE).")
 _COLL = flags.DEFINE_enum("xla_collectives", "default", list(xla_env.COLLECTIVES),
                           "How lax.psum runs: XLA's kernels, NCCL, or XLA's one-shot kernel.")
+_GEMM = flags.DEFINE_enum("gemm", "default", list(xla_env.GEMMS),
+                          "How XLA emits the matmuls: autotuned Triton fusions or cuBLAS.")
 _RUNS = flags.DEFINE_integer("runs", 8, "Timed generations per loop (after one warm-up).")
 _PROFILE = flags.DEFINE_bool("profile", False, "Trace the jit loop and break GPU time down.")
 _DUMP = flags.DEFINE_string("dump_dir", None, "XLA dump directory (checks the WHILE graph).")
@@ -54,7 +56,7 @@ def _command_buffer_evidence(dump_dir: str) -> dict:
 
 def main(argv):
   del argv
-  flags_str = xla_env.apply(_CB.value, _COLL.value, _DUMP.value)
+  flags_str = xla_env.apply(_CB.value, _COLL.value, _DUMP.value, _GEMM.value)
   import jax
   import numpy as np
 
@@ -96,7 +98,8 @@ def main(argv):
         med = stats["tpot_ms_median"]
         rows.append({
             "model": _MODEL.value, "tp": tp, "batch": _BATCH.value, "backend": backend,
-            "loop": loop, "command_buffers": _CB.value, "xla_collectives": _COLL.value, **stats,
+            "loop": loop, "command_buffers": _CB.value, "xla_collectives": _COLL.value,
+            "gemm": _GEMM.value, **stats,
             "tokens_per_s": _BATCH.value * 1e3 / med,
             "weight_gbps_per_device": weight_bytes / (med * 1e-3) / 1e9,
             "hbm_copy_gbps": copy_gbps, "hbm_floor_ms": floor_ms, "floor_fraction": floor_ms / med,
@@ -125,7 +128,8 @@ def main(argv):
   config_rec = {"model": _MODEL.value, "tp": _TPS.value, "batch": _BATCH.value,
                 "prompt_len": _PROMPT.value, "gen_len": _GEN.value, "max_len": max_len,
                 "backends": _BACKENDS.value, "command_buffers": _CB.value,
-                "xla_collectives": _COLL.value, "runs": _RUNS.value, "dtype": "bfloat16",
+                "xla_collectives": _COLL.value, "gemm": _GEMM.value, "runs": _RUNS.value,
+                "dtype": "bfloat16",
                 "weights": "random", "xla_flags_set": flags_str}
   print(f"record: {records.write('decode', config_rec, rows, extra=extra)}")
 

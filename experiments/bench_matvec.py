@@ -5,13 +5,16 @@ becomes a vector, and it strength-reduces vector-matrix dots whose operands hold
 10M elements in total into multiply + reduce (gpu_algebraic_simplifier.cc). At TP=1 the
 LLaMA-2-7B projections are just over that line (4096 x 4096); at TP=2 they fall under it.
 This benchmark times each dot form at each per-rank shape, separate and fused (q/k/v and
-gate/up as one matrix, as models/llama.py stores them), and names the kernel XLA chose.
+gate/up as one matrix, as models/llama.py stores them), and names the kernel XLA chose,
+once per way XLA may emit dots (`--gemms`: its autotuned Triton GEMM fusions, or cuBLAS;
+xla_env.GEMMS), each in its own process, merged into one record.
 
-  python -m experiments.bench_matvec
+  python -m experiments.bench_matvec --gemms default,cublas
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -20,11 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import records
+from experiments import records, xla_env
 
 _TPS = flags.DEFINE_list("tps", ["1", "2", "4", "8"], "Tensor-parallel degrees to emulate.")
 _RUNS = flags.DEFINE_integer("runs", 30, "Timed runs (median reported).")
 _COPIES = flags.DEFINE_integer("copies", 48, "Distinct weights per run, each used once.")
+_GEMMS = flags.DEFINE_list("gemms", ["default", "cublas"], f"Of {list(xla_env.GEMMS)}.")
+_CHILD = flags.DEFINE_string("child", None, "Internal: the GEMM setting this process measures.")
+_OUT = flags.DEFINE_string("child_out", None, "Internal: where a child writes its rows.")
 _REPS = flags.DEFINE_integer("reps", 1, "Passes over the weights per run (>1 lets XLA merge "
                              "dots that share a weight, which this benchmark must not measure).")
 
@@ -91,8 +97,8 @@ def measure(form: str, d_in: int, d_out: int):
           "gbps": d_in * d_out * 2 / (med * 1e-6) / 1e9, **records.summarize(samples, "us_")}
 
 
-def main(argv):
-  del argv
+def run_child(gemm: str, out_path: str):
+  xla_env.apply(gemm=gemm)
   d, f = 4096, 11008  # LLaMA-2-7B
   rows = []
   for tp in map(int, _TPS.value):
@@ -101,11 +107,22 @@ def main(argv):
               "down_proj": (f // tp, d)}
     for name, (d_in, d_out) in shapes.items():
       for form in FORMS:
-        row = {"tp": tp, "matrix": name, **measure(form, d_in, d_out)}
+        row = {"tp": tp, "matrix": name, "gemm": gemm, **measure(form, d_in, d_out)}
         rows.append(row)
-        print(f"tp={tp} {name:13s} {form:9s} {row['us_median']:8.2f} us {row['gbps']:6.0f} GB/s "
-              f"rel_err {row['rel_err']:.1e}  {row['kernel']}", flush=True)
-  config = {"model_shapes": "llama2-7b", "dtype": "bfloat16", "batch": 1, "runs": _RUNS.value,
+        print(f"{gemm} tp={tp} {name:13s} {form:9s} {row['us_median']:8.2f} us"
+              f" {row['gbps']:6.0f} GB/s rel_err {row['rel_err']:.1e}  {row['kernel']}", flush=True)
+        with open(out_path, "w") as out:
+          json.dump(rows, out)
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    return run_child(_CHILD.value, _OUT.value)
+  if unknown := sorted(set(_GEMMS.value) - set(xla_env.GEMMS)):
+    raise app.UsageError(f"unknown --gemms {unknown}; choose from {list(xla_env.GEMMS)}")
+  rows = xla_env.run_children("experiments.bench_matvec", _GEMMS.value)
+  config = {"gemms": {g: xla_env.GEMMS[g] for g in _GEMMS.value},"model_shapes": "llama2-7b", "dtype": "bfloat16", "batch": 1, "runs": _RUNS.value,
             "copies": _COPIES.value, "reps": _REPS.value,
             "timing": "wall clock of one executable of copies*reps chained dots / count"}
   print(f"record: {records.write('matvec', config, rows)}")

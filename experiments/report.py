@@ -57,29 +57,35 @@ def _plot(name: str, draw: Callable[[Any], None]) -> str:
 
 
 def _matvec_section(rows):
-  cols = ["tp", "matrix", "form", "d_in", "d_out", "us_median", "gbps", "kernel", "path"]
+  cols = ["tp", "matrix", "gemm", "form", "d_in", "d_out", "us_median", "gbps", "kernel", "path"]
+  rows = [{**r, "gemm": r.get("gemm", "default")} for r in rows]  # older records: XLA's default
 
   def draw(ax):
-    forms = sorted({r["form"] for r in rows})
+    series = sorted({(r["path"], r["gemm"], r["form"]) for r in rows})
     labels = sorted({(r["tp"], r["matrix"]) for r in rows})
-    for i, form in enumerate(forms):
-      vals = [next((r["gbps"] for r in rows if (r["tp"], r["matrix"], r["form"]) == (*l, form)), 0)
+    width = 0.8 / len(series)
+    for i, (path, gemm, form) in enumerate(series):
+      vals = [next((r["gbps"] for r in rows if (r["tp"], r["matrix"]) == l
+                    and (r["path"], r["gemm"], r["form"]) == (path, gemm, form)), 0)
               for l in labels]
-      ax.bar([j + 0.27 * i for j in range(len(labels))], vals, width=0.27, label=form)
-    ax.set_xticks([j + 0.27 for j in range(len(labels))])
+      ax.bar([j + width * i for j in range(len(labels))], vals, width=width,
+             label=f"{gemm} {form} ({pathlib.Path(path).stem[:15]})")
+    ax.set_xticks([j + 0.4 for j in range(len(labels))])
     ax.set_xticklabels([f"TP{t}\n{m}" for t, m in labels], fontsize=6)
     ax.set_ylabel("GB/s (weight bytes / time)")
     ax.set_title("Batch-1 matrix-vector products at per-rank LLaMA-2-7B shapes")
-    ax.legend()
+    ax.legend(fontsize=6)
 
   return ("## Batch-1 matmuls as XLA lowers them (experiments/bench_matvec.py)\n\n"
           "`dn`: weights stored (in, out); `nd`: stored (out, in), the package's layout;"
-          " `nd_rows2`: the activation presented as two rows. `kernel` lists what XLA emitted"
-          " for one product compiled alone.\n\n" + _plot("matvec", draw) + "\n\n" + table(rows, cols))
+          " `nd_rows2`: the activation presented as two rows; `gemm`: XLA's default (autotuned"
+          " Triton GEMM fusions) or cuBLAS (`--xla_gpu_enable_triton_gemm=false`). `kernel`"
+          " lists what XLA emitted for one product compiled alone.\n\n" + _plot("matvec", draw)
+          + "\n\n" + table(rows, cols))
 
 
 def _decode_section(rows):
-  cols = ["tp", "backend", "loop", "command_buffers", "xla_collectives", "tpot_ms_median",
+  cols = ["tp", "backend", "loop", "command_buffers", "xla_collectives", "gemm", "tpot_ms_median",
           "tpot_ms_p90", "tpot_ms_p99", "tokens_per_s", "weight_gbps_per_device",
           "hbm_copy_gbps", "floor_fraction", "gpu_all_reduce_us", "all_reduce_share_of_tpot",
           "git_sha", "path"]
@@ -123,7 +129,7 @@ def _claims_section(rows):
       return None
     return min(pairs, key=lambda p: (not p[2], abs(stamp(p[0]) - stamp(p[1]))))
 
-  key = lambda r: (r["model"], r["batch"], r["tp"], r["xla_collectives"])
+  key = lambda r: (r["model"], r["batch"], r["tp"], r["xla_collectives"], r["gemm"])
   lines = ["| claim (study: Gemma2, 8xH100, TP=8) | study | ours | records |", "|---|---|---|---|"]
   shares = [r for r in jit if r.get("all_reduce_share_of_tpot") and r["backend"] == "xla"]
   for r in shares:
@@ -340,10 +346,15 @@ def _add_norm_section(rows):
   return "\n\n".join(parts)
 
 
+def _decode_sections(rows):
+  rows = [{"gemm": "default", **r} for r in rows]  # records before --gemm ran XLA's default
+  return _claims_section(rows) + "\n\n" + _decode_section(rows)
+
+
 # experiment name -> section writers(rows) -> markdown. Benchmarks add theirs here.
 SECTIONS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
     "generate": _generate_section,
-    "decode": lambda rows: _claims_section(rows) + "\n\n" + _decode_section(rows),
+    "decode": _decode_sections,
     "allreduce": _allreduce_section,
     "add_norm": _add_norm_section,
     "matvec": _matvec_section,

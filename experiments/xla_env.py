@@ -6,7 +6,11 @@ computation. NVLink multicast stays off (NCCL_NVLS_ENABLE=0) in every mode.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 COMMAND_BUFFERS = {
@@ -21,11 +25,17 @@ COLLECTIVES = {
     "one_shot": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true"],
 }
 
+GEMMS = {  # how XLA emits dots: its autotuned Triton GEMM fusions, or cuBLAS / cuBLASLt
+    "default": [],
+    "cublas": ["--xla_gpu_enable_triton_gemm=false"],
+    "cublaslt": ["--xla_gpu_enable_triton_gemm=false", "--xla_gpu_enable_cublaslt=true"],
+}
+
 
 def apply(command_buffers: str = "default", collectives: str = "default",
-          dump_dir: str | None = None) -> str:
+          dump_dir: str | None = None, gemm: str = "default") -> str:
   """Sets XLA_FLAGS for this process (before jax starts); returns the flags."""
-  flags = COMMAND_BUFFERS[command_buffers] + COLLECTIVES[collectives]
+  flags = COMMAND_BUFFERS[command_buffers] + COLLECTIVES[collectives] + GEMMS[gemm]
   if dump_dir:
     flags += [f"--xla_dump_to={dump_dir}", "--xla_dump_hlo_as_text"]
   existing = os.environ.get("XLA_FLAGS", "")
@@ -55,3 +65,20 @@ def hbm_copy_gbps(gib: float = 2.0, passes: int = 10, runs: int = 5) -> float:
     x.block_until_ready()
     samples.append(time.perf_counter() - t0)
   return 2 * n * 4 * passes / float(np.median(samples)) / 1e9
+
+
+def run_children(module: str, names: list[str]) -> list[dict]:
+  """Runs `python -m module <this process's argv> --child=NAME --child_out=FILE` once per name
+  (XLA flags are per process, so each setting compared gets its own process) and returns
+  the rows the children wrote, in order. A child that fails keeps the rows it wrote."""
+  rows = []
+  for name in names:
+    out = tempfile.mktemp(suffix=".json")
+    cmd = [sys.executable, "-m", module, *sys.argv[1:], f"--child={name}", f"--child_out={out}"]
+    proc = subprocess.run(cmd, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
+    if proc.returncode:
+      print(f"child {name} failed (rc={proc.returncode}); keeping its rows so far", flush=True)
+    if os.path.exists(out):
+      with open(out) as f:
+        rows += json.load(f)
+  return rows
