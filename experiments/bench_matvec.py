@@ -28,14 +28,13 @@ from experiments import records, xla_env
 _TPS = flags.DEFINE_list("tps", ["1", "2", "4", "8"], "Tensor-parallel degrees to emulate.")
 _RUNS = flags.DEFINE_integer("runs", 30, "Timed runs (median reported).")
 _COPIES = flags.DEFINE_integer("copies", 48, "Distinct weights per run, each used once.")
+_FORMS = flags.DEFINE_list("forms", ["dn", "nd", "nd_rows2"], "Dot forms to time (see dense).")
 _GEMMS = flags.DEFINE_list("gemms", ["default", "cublas"], f"Of {list(xla_env.GEMMS)}.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: the GEMM setting this process measures.")
 _OUT = flags.DEFINE_string("child_out", None, "Internal: where a child writes its rows.")
 _REPS = flags.DEFINE_integer("reps", 1, "Passes over the weights per run (>1 lets XLA merge "
                              "dots that share a weight, which this benchmark must not measure).")
 
-
-FORMS = ("dn", "nd", "nd_rows2")
 
 
 def dense(form: str, x, w):
@@ -106,7 +105,7 @@ def run_child(gemm: str, out_path: str):
               "gate_up_each": (d, f // tp), "gate_up_fused": (d, 2 * f // tp),
               "down_proj": (f // tp, d)}
     for name, (d_in, d_out) in shapes.items():
-      for form in FORMS:
+      for form in _FORMS.value:
         row = {"tp": tp, "matrix": name, "gemm": gemm, **measure(form, d_in, d_out)}
         rows.append(row)
         print(f"{gemm} tp={tp} {name:13s} {form:9s} {row['us_median']:8.2f} us"

@@ -6,8 +6,7 @@
 source experiments/scripts/gpu_env.sh
 export TPDECODE_GIT_SHA=${TPDECODE_GIT_SHA:-unknown}
 bench() { timeout "$1" python3 -m "experiments.$2" "${@:3}" 2>&1 | grep -v "^I1\|^W1" | tee -a $OUT/full.log | tail -40; }
-decode() { timeout 280 python3 -m experiments.bench_decode --model llama2-7b --tp "${TPS:-1,2}" "$@" \
-             2>&1 | grep -v "^I1\|^W1" | tail -30; }
+decode() { bench 280 bench_decode --model "${MODEL:-llama2-7b}" --tp "${TPS:-1,2}" "$@"; }
 for step in "$@"; do
   echo "=== $step"
   case $step in
@@ -20,14 +19,19 @@ for step in "$@"; do
                     rec=$(sed -n 's/^record: //p' /tmp/sweep.log)  # auto, with thresholds from it
                     [ -n "$rec" ] && bench 200 bench_allreduce --tp "${TP:-2}" --impls auto \
                       --flavours psum_default,psum_nccl,pallas --thresholds_from "$rec" ;;
-    add_norm)       timeout 560 python3 -m experiments.bench_allreduce --tp "${TP:-2}" --op add_norm \
-                      2>&1 | grep -v "^I1\|^W1" | tail -40 ;;
-    decode_while)   decode --backend xla,one_shot,fused --command_buffers while --dump_dir /tmp/dump_w --runs 4 ;;
+    add_norm)       bench 330 bench_allreduce --tp "${TP:-2}" --op add_norm ;;
+    diag)           for c in nocupti cupti; do  # the abort at 256 KB (docs/allreduce.md), with copy counts
+                      bench 150 bench_allreduce --tp 2 --flavours pallas --impls one_shot --$c \
+                        --min_bytes 131072 --max_bytes 1048576 --runs 30; done ;;
+    matvec)         bench 300 bench_matvec --tps 1,2 --forms nd --gemms default,cublas ;;
+    decode_gemm)    decode --backend xla --command_buffers while --gemm cublas --runs 4 ;;
+    decode_dump)    TPS=2 decode --backend xla --command_buffers while --dump_dir /tmp/dump_w --runs 2 --loops jit ;;
+    decode_while)   decode --backend xla,one_shot,fused --command_buffers while --runs 4 ;;
     decode_default) decode --backend xla,fused --command_buffers default --runs 4 ;;
-    decode_nccl)    TPS=2 decode --backend xla --xla_collectives nccl --command_buffers while --runs 4 ;;
+    decode_nccl)    TPS=2 decode --backend xla --xla_collectives nccl --runs 4 ;;  # NCCL: no WHILE graph
     decode_off)     decode --backend xla,fused --command_buffers off --profile --runs 4 ;;
-    ttft)           timeout 560 python3 -m experiments.bench_ttft --model llama2-7b --tp "${TP:-1}" \
-                      --policies "${POLICIES:-buckets,hybrid,pad_max}" 2>&1 | grep -v "^I1\|^W1" | tail -30 ;;
+    ttft)           bench 560 bench_ttft --model llama2-7b --tp "${TP:-1}" \
+                      --policies "${POLICIES:-buckets,hybrid,pad_max}" ;;
     generate)       for tp in 1 2; do timeout 90 python3 -m experiments.generate --tp $tp 2>&1 \
                       | grep -v "^I1\|^W1" | tail -7; done ;;
     *) echo "unknown step $step" ;;
