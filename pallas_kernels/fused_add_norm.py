@@ -11,6 +11,13 @@ adds the residual, rounds once to get the new residual, and normalizes it:
 Both outputs are bitwise identical on every rank. One kernel replaces XLA's all-reduce,
 add and norm kernels and the launches between them.
 
+Tiling: a row is split into tiles of VECTOR columns (one 16-byte vector per thread), and the
+grid is (row groups x column blocks), so that a single decode token still spreads its
+exchange over several blocks. A block pushes its tiles of its rows, waits for the flags of
+every block of its row group (between them they pushed whole rows), then computes each
+row's sum of squares over the full row (a redundant read of the row from its own memory,
+mostly from L2) and writes its own tiles of both outputs.
+
     normed, new_residual, ws = all_reduce_add_norm(partial, residual, weight, ws, "tp", eps)
 """
 
@@ -24,18 +31,27 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import all_reduce as all_reduce_lib
 from pallas_kernels import common, peer_sync
-from pallas_kernels.workspace import Workspace
+from pallas_kernels.workspace import MAX_BLOCKS, Workspace
 
 VECTOR = 8 * common.THREADS  # bf16 elements in one 16-byte vector per thread
+CONFIG = common.Config(max_blocks=MAX_BLOCKS)  # grid() reads max_blocks only
 
 
 def padded_hidden(hidden: int) -> tuple[int, int]:
-  """(padded hidden, column chunk): chunks of 2048 or 1024 elements; other sizes pad with
-  zeros, which leave sums of squares unchanged (the mean divides by the true hidden)."""
-  for chunk in (2 * VECTOR, VECTOR):
-    if hidden % chunk == 0:
-      return hidden, chunk
+  """(padded hidden, tile): rows pad to whole VECTOR-column tiles with zeros, which leave
+  sums of squares unchanged (the mean divides by the true hidden)."""
   return -(-hidden // VECTOR) * VECTOR, VECTOR
+
+
+def grid(tokens: int, width: int, config: common.Config) -> tuple[int, int, int, int]:
+  """(row groups, rows per group, column blocks, tiles per column block): as many column
+  blocks as divide the row's tiles (up to max_blocks), then row groups with the rest."""
+  limit = min(config.max_blocks, MAX_BLOCKS)
+  tiles = width // VECTOR
+  col_blocks = max(c for c in range(1, min(limit, tiles) + 1) if tiles % c == 0)
+  row_limit = max(1, min(limit // col_blocks, tokens))
+  row_blocks = max(r for r in range(1, row_limit + 1) if tokens % r == 0)
+  return row_blocks, tokens // row_blocks, col_blocks, tiles // col_blocks
 
 
 def fits(tokens: int, hidden: int, ws: Workspace) -> bool:
@@ -52,46 +68,58 @@ def reference(partial, residual, weight, axis: str, eps: float):
   return (r * inv * weight.astype(jnp.float32)).astype(residual.dtype), new_residual
 
 
-def _body(n: int, axis: str, rows: int, hidden: int, width: int, chunk: int, eps: float):
-  exchange = peer_sync.epoch_flag_exchange(n)
-  cols = [pl.ds(c * chunk, chunk) for c in range(width // chunk)]
+def _body(n: int, axis: str, hidden: int, width: int, eps: float, tiling):
+  _, rows, col_blocks, own = tiling
+  exchange = peer_sync.epoch_flag_exchange(n, waits=col_blocks)
+  tiles = width // VECTOR
 
   def body(x_ref, res_ref, w_ref, sig_ref, _slots_in, _flags_in,
            out_ref, new_res_ref, slots_ref, flags_ref):
     me = lax.axis_index(axis)
     b = lax.axis_index("blocks")
     s = lax.rem(sig_ref[1] // 2, 2)
-    first = b * rows
+    group, cb = b // col_blocks, lax.rem(b, col_blocks)
+    first, first_tile = group * rows, cb * own
 
-    def slot(p, row, col):
-      return slots_ref.at[s, p, pl.ds(row * width + col.start, chunk)]
+    def col(t):
+      return pl.ds(t * VECTOR, VECTOR)
+
+    def slot(p, row, t):
+      return slots_ref.at[s, p, pl.ds(row * width + t * VECTOR, VECTOR)]
+
+    def new_residual(row, t):  # rank-order f32 sum of the partials, plus the residual, rounded
+      acc = slot(0, row, t)[...].astype(jnp.float32)
+      for p in range(1, n):
+        acc = acc + slot(p, row, t)[...].astype(jnp.float32)
+      return (res_ref[row, col(t)].astype(jnp.float32) + acc).astype(new_res_ref.dtype)
 
     @pl.loop(first, first + rows)
     def _push(row):
-      for col in cols:
-        v = x_ref[row, col]
+      @pl.loop(first_tile, first_tile + own)
+      def _tile(t):
+        v = x_ref[row, col(t)]
         for k in range(n):
-          plgpu.remote_ref(slot(me, row, col), lax.rem(me + k, n))[...] = v
+          plgpu.remote_ref(slot(me, row, t), lax.rem(me + k, n))[...] = v
 
     mine = [plgpu.remote_ref(flags_ref.at[b, s, pl.ds(me, 1)], lax.rem(me + k, n))
             for k in range(n)]
-    exchange(sig_ref.at[pl.ds(1, 1)], flags_ref.at[b, s], *mine)
+    group_rows = [flags_ref.at[group * col_blocks + j, s] for j in range(col_blocks)]
+    exchange(sig_ref.at[pl.ds(1, 1)], *group_rows, *mine)
 
     @pl.loop(first, first + rows)
     def _add_norm(row):
       sum_sq = jnp.float32(0.0)
-      for col in cols:
-        acc = slot(0, row, col)[...].astype(jnp.float32)
-        for p in range(1, n):  # fixed rank order
-          acc = acc + slot(p, row, col)[...].astype(jnp.float32)
-        r = (res_ref[row, col].astype(jnp.float32) + acc).astype(new_res_ref.dtype)
-        new_res_ref[row, col] = r
-        r32 = r.astype(jnp.float32)
+      for t in range(tiles):  # the whole row, in the same order on every block and rank
+        r32 = new_residual(row, t).astype(jnp.float32)
         sum_sq = sum_sq + jnp.sum(r32 * r32)
       inv = lax.rsqrt(sum_sq / hidden + eps)
-      for col in cols:  # each thread re-reads what it wrote itself
-        r32 = new_res_ref[row, col].astype(jnp.float32)
-        out_ref[row, col] = (r32 * inv * w_ref[col].astype(jnp.float32)).astype(out_ref.dtype)
+
+      @pl.loop(first_tile, first_tile + own)
+      def _write(t):
+        r = new_residual(row, t)
+        new_res_ref[row, col(t)] = r
+        out_ref[row, col(t)] = (r.astype(jnp.float32) * inv
+                                * w_ref[col(t)].astype(jnp.float32)).astype(out_ref.dtype)
 
   return body
 
@@ -100,28 +128,28 @@ def _kernel_call(partial, residual, weight, ws: Workspace, axis: str, eps: float
                  config: common.Config):
   n = lax.axis_size(axis)
   tokens, hidden = partial.shape
-  width, chunk = padded_hidden(hidden)
+  width, _ = padded_hidden(hidden)
   if not fits(tokens, hidden, ws) or ws.slots.dtype != partial.dtype:
     raise ValueError(f"workspace slots {ws.slots.shape} {ws.slots.dtype} cannot carry a"
                      f" ({tokens}, {width}) {partial.dtype} message")
   if width != hidden:
     pad = ((0, 0), (0, width - hidden))
     partial, residual, weight = jnp.pad(partial, pad), jnp.pad(residual, pad), jnp.pad(weight, pad[1])
-  blocks, rows = config.grid(tokens)
+  tiling = grid(tokens, width, config)
   epoch = ws.epoch + 1
   dt = partial.dtype
   kernel = peer_sync.aliased_kernel(
-      _body(n, axis, rows, hidden, width, chunk, eps),
+      _body(n, axis, hidden, width, eps, tiling),
       (jax.ShapeDtypeStruct((tokens, width), dt), jax.ShapeDtypeStruct((tokens, width), dt),
        jax.ShapeDtypeStruct(ws.slots.shape, dt), jax.ShapeDtypeStruct(ws.flags.shape, jnp.int32)),
-      num_blocks=blocks, aliases={4: 2, 5: 3}, name="all_reduce_add_rms_norm")
+      num_blocks=tiling[0] * tiling[2], aliases={4: 2, 5: 3}, name="all_reduce_add_rms_norm")
   out, new_res, slots, flags = kernel(partial, residual, weight, common.signals(epoch), ws.slots,
                                       ws.flags)
   return out[:, :hidden], new_res[:, :hidden], Workspace(slots, flags, epoch)
 
 
 def all_reduce_add_norm(partial, residual, weight, ws: Workspace, axis: str, eps: float,
-                        config: common.Config = common.Config()):
+                        config: common.Config = CONFIG):
   """(normed, new_residual, workspace) for (tokens, hidden) inputs; call inside shard_map."""
   n = all_reduce_lib.check(partial, axis, "one_shot")
   if residual.shape != partial.shape or residual.dtype != partial.dtype:

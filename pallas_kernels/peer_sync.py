@@ -59,17 +59,20 @@ def _element_ptr(ref, index: int):
   return llvm.inttoptr(base.type, addr)
 
 
-def epoch_flag_exchange(num_ranks: int):
-  """Returns f(epoch_ref (1,), my_flags (n,), *flag_on_peer (1,) x n) for use in a kernel body.
+def epoch_flag_exchange(num_ranks: int, waits: int = 1):
+  """Returns f(epoch_ref (1,), *my_flags (n,) x waits, *flag_on_peer (1,) x n) for a kernel body.
 
-  `my_flags[p]` is where rank p signals this rank; `flag_on_peer[k]` is this rank's flag in
-  peer k's memory (a `plgpu.remote_ref`). Every thread of the warpgroup must call it after
-  issuing its peer stores; when it returns, every peer's stores of this epoch are visible.
+  `my_flags[j][p]` is where rank p signals this rank (one row per block this block waits
+  for, `waits` rows); `flag_on_peer[k]` is this block's flag in peer k's memory (a
+  `plgpu.remote_ref`). Every thread of the warpgroup must call it after issuing its peer
+  stores; when it returns, every peer's stores of this epoch, from every block whose row
+  was waited on, are visible.
   """
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * (2 + num_ranks))
-  def exchange(ctx, epoch_ref, my_flags, *flag_on_peer):
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * (1 + waits + num_ranks))
+  def exchange(ctx, epoch_ref, *refs):
     del ctx
+    my_flags, flag_on_peer = refs[:waits], refs[waits:]
     i32 = ir.IntegerType.get_signless(32)
     epoch = memref.load(epoch_ref, [_utils.c(0, ir.IndexType.get())])
     _utils.warpgroup_barrier()  # every thread's data stores are issued
@@ -78,14 +81,15 @@ def epoch_flag_exchange(num_ranks: int):
       for ref in flag_on_peer:
         _utils.inline_ptx("st.relaxed.sys.global.b32 [$0], $1;", _element_ptr(ref, 0), epoch,
                           has_side_effects=True)
-      for p in range(num_ranks):  # acquire: wait until rank p published this epoch
-        spin = scf.WhileOp([], [])
-        with ir.InsertionPoint(spin.before.blocks.append()):
-          seen = _utils.inline_ptx("ld.relaxed.sys.global.b32 $0, [$1];", _element_ptr(my_flags, p),
-                                   result_types=i32, has_side_effects=True)
-          scf.condition(arith.cmpi(arith.CmpIPredicate.ult, seen, epoch), [])
-        with ir.InsertionPoint(spin.after.blocks.append()):
-          scf.yield_([])
+      for row in my_flags:
+        for p in range(num_ranks):  # acquire: wait until rank p published this epoch
+          spin = scf.WhileOp([], [])
+          with ir.InsertionPoint(spin.before.blocks.append()):
+            seen = _utils.inline_ptx("ld.relaxed.sys.global.b32 $0, [$1];", _element_ptr(row, p),
+                                     result_types=i32, has_side_effects=True)
+            scf.condition(arith.cmpi(arith.CmpIPredicate.ult, seen, epoch), [])
+          with ir.InsertionPoint(spin.after.blocks.append()):
+            scf.yield_([])
       _utils.inline_ptx("fence.acq_rel.sys;", has_side_effects=True)
     _utils.warpgroup_barrier()
 

@@ -79,3 +79,16 @@ def test_bad_input(residual_shape, weight_shape, message):
   with pytest.raises(ValueError, match=message):
     _fn(mesh)(jnp.zeros((2, 64), jnp.float32), jnp.zeros(residual_shape, jnp.float32),
               jnp.zeros(weight_shape, jnp.float32), ws)
+
+
+@pytest.mark.parametrize("tokens,hidden,expected", [
+    (1, 4096, (1, 1, 4, 1)), (1, 8192, (1, 1, 8, 1)), (4, 5120, (4, 1, 5, 1)),
+    (128, 4096, (8, 16, 4, 1)), (5, 576, (5, 1, 1, 1)), (1, 16384, (1, 1, 16, 1)),
+    (256, 16384, (2, 128, 16, 1))])
+def test_grid_spreads_a_row_over_column_blocks(tokens, hidden, expected):
+  width, _ = fused_add_norm.padded_hidden(hidden)
+  got = fused_add_norm.grid(tokens, width, fused_add_norm.CONFIG)
+  assert got == expected
+  row_groups, rows, col_blocks, own = got
+  assert row_groups * rows == tokens and col_blocks * own * fused_add_norm.VECTOR == width
+  assert row_groups * col_blocks <= workspace.MAX_BLOCKS
