@@ -1,4 +1,4 @@
-"""Pieces shared by the peer-write all-reduce kernels: tiling, padding, signals, reference."""
+"""Pieces shared by the peer-write all-reduce kernels: tiling, padding, epoch, reference."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 from pallas_kernels import peer_sync
 from pallas_kernels.workspace import MAX_BLOCKS, Workspace
@@ -56,24 +57,30 @@ def flatten_padded(x: jax.Array, ws: Workspace, n: int, quantum: int) -> jax.Arr
   return jnp.pad(flat, (0, size - x.size)) if size != x.size else flat
 
 
-def signals(epoch: jax.Array) -> jax.Array:
-  """Flag values of call `epoch`: (2e - 1, 2e), one per phase. Every kernel publishes 2e last,
-  so flag words grow monotonically whichever kernels share the workspace."""
-  return jnp.concatenate([2 * epoch - 1, 2 * epoch])
+def call_epoch(epoch_ref, epoch_out_ref, block) -> tuple[jax.Array, jax.Array]:
+  """In a kernel body: (e, slot parity) of this call from the previous epoch; block 0 writes
+  e to the epoch output, so the increment costs no separate XLA kernel before the call."""
+  e = epoch_ref[0] + 1
+
+  @pl.when(block == 0)
+  def _():
+    epoch_out_ref[0] = e
+
+  return e, lax.rem(e, 2)
 
 
 def launch(x: jax.Array, ws: Workspace, n: int, *, pad_to: int, chunks, make_body,
            config: Config, name: str):
   """Runs an all-reduce kernel in place on `ws`: `x` flattened and zero-padded to a multiple
-  of `pad_to`, a grid over `chunks(size)` chunks, `make_body(steps, size)` per block, the
-  epoch advanced by one. Returns (sum shaped like x, workspace)."""
+  of `pad_to`, a grid over `chunks(size)` chunks, `make_body(steps, size)` per block; the
+  kernel advances the epoch. Returns (sum shaped like x, workspace)."""
   flat = flatten_padded(x, ws, n, pad_to)
   blocks, steps = config.grid(chunks(flat.size))
-  epoch = ws.epoch + 1
   out_types = (jax.ShapeDtypeStruct((flat.size,), ws.slots.dtype),
                jax.ShapeDtypeStruct(ws.slots.shape, ws.slots.dtype),
-               jax.ShapeDtypeStruct(ws.flags.shape, jnp.int32))
+               jax.ShapeDtypeStruct(ws.flags.shape, jnp.int32),
+               jax.ShapeDtypeStruct(ws.epoch.shape, jnp.int32))
   kernel = peer_sync.aliased_kernel(make_body(steps, flat.size), out_types, num_blocks=blocks,
                                     aliases={2: 1, 3: 2}, name=name)
-  y, slots, flags = kernel(flat, signals(epoch), ws.slots, ws.flags)
+  y, slots, flags, epoch = kernel(flat, ws.epoch, ws.slots, ws.flags)
   return y[:x.size].reshape(x.shape), Workspace(slots, flags, epoch)

@@ -73,11 +73,11 @@ def _body(n: int, axis: str, hidden: int, width: int, eps: float, tiling):
   exchange = peer_sync.epoch_flag_exchange(n, waits=col_blocks)
   tiles = width // VECTOR
 
-  def body(x_ref, res_ref, w_ref, sig_ref, _slots_in, _flags_in,
-           out_ref, new_res_ref, slots_ref, flags_ref):
+  def body(x_ref, res_ref, w_ref, epoch_ref, _slots_in, _flags_in,
+           out_ref, new_res_ref, slots_ref, flags_ref, epoch_out):
     me = lax.axis_index(axis)
     b = lax.axis_index("blocks")
-    s = lax.rem(sig_ref[1] // 2, 2)
+    _, s = common.call_epoch(epoch_ref, epoch_out, b)
     group, cb = b // col_blocks, lax.rem(b, col_blocks)
     first, first_tile = group * rows, cb * own
 
@@ -104,7 +104,7 @@ def _body(n: int, axis: str, hidden: int, width: int, eps: float, tiling):
     mine = [plgpu.remote_ref(flags_ref.at[b, s, pl.ds(me, 1)], lax.rem(me + k, n))
             for k in range(n)]
     group_rows = [flags_ref.at[group * col_blocks + j, s] for j in range(col_blocks)]
-    exchange(sig_ref.at[pl.ds(1, 1)], *group_rows, *mine)
+    exchange(epoch_ref, *group_rows, *mine)
 
     @pl.loop(first, first + rows)
     def _add_norm(row):
@@ -136,15 +136,15 @@ def _kernel_call(partial, residual, weight, ws: Workspace, axis: str, eps: float
     pad = ((0, 0), (0, width - hidden))
     partial, residual, weight = jnp.pad(partial, pad), jnp.pad(residual, pad), jnp.pad(weight, pad[1])
   tiling = grid(tokens, width, config)
-  epoch = ws.epoch + 1
   dt = partial.dtype
   kernel = peer_sync.aliased_kernel(
       _body(n, axis, hidden, width, eps, tiling),
       (jax.ShapeDtypeStruct((tokens, width), dt), jax.ShapeDtypeStruct((tokens, width), dt),
-       jax.ShapeDtypeStruct(ws.slots.shape, dt), jax.ShapeDtypeStruct(ws.flags.shape, jnp.int32)),
+       jax.ShapeDtypeStruct(ws.slots.shape, dt), jax.ShapeDtypeStruct(ws.flags.shape, jnp.int32),
+       jax.ShapeDtypeStruct(ws.epoch.shape, jnp.int32)),
       num_blocks=tiling[0] * tiling[2], aliases={4: 2, 5: 3}, name="all_reduce_add_rms_norm")
-  out, new_res, slots, flags = kernel(partial, residual, weight, common.signals(epoch), ws.slots,
-                                      ws.flags)
+  out, new_res, slots, flags, epoch = kernel(partial, residual, weight, ws.epoch, ws.slots,
+                                             ws.flags)
   return out[:, :hidden], new_res[:, :hidden], Workspace(slots, flags, epoch)
 
 

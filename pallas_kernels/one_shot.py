@@ -26,10 +26,10 @@ reference = common.reference
 def _body(n: int, axis: str, chunk: int, steps: int):
   exchange = peer_sync.epoch_flag_exchange(n)
 
-  def body(x_ref, sig_ref, _slots_in, _flags_in, y_ref, slots_ref, flags_ref):
+  def body(x_ref, epoch_ref, _slots_in, _flags_in, y_ref, slots_ref, flags_ref, epoch_out):
     me = lax.axis_index(axis)
     b = lax.axis_index("blocks")
-    s = lax.rem(sig_ref[1] // 2, 2)  # slot parity of this epoch
+    _, s = common.call_epoch(epoch_ref, epoch_out, b)  # s: slot parity of this call
     base = b * steps * chunk
 
     @pl.loop(0, steps)
@@ -41,7 +41,7 @@ def _body(n: int, axis: str, chunk: int, steps: int):
 
     mine = [plgpu.remote_ref(flags_ref.at[b, s, pl.ds(me, 1)], lax.rem(me + k, n))
             for k in range(n)]
-    exchange(sig_ref.at[pl.ds(1, 1)], flags_ref.at[b, s], *mine)
+    exchange(epoch_ref, flags_ref.at[b, s], *mine)
 
     @pl.loop(0, steps)
     def _reduce(i):

@@ -59,8 +59,12 @@ def _element_ptr(ref, index: int):
   return llvm.inttoptr(base.type, addr)
 
 
-def epoch_flag_exchange(num_ranks: int, waits: int = 1):
+def epoch_flag_exchange(num_ranks: int, waits: int = 1, phase: int = 0):
   """Returns f(epoch_ref (1,), *my_flags (n,) x waits, *flag_on_peer (1,) x n) for a kernel body.
+
+  `epoch_ref` holds the previous call's epoch; call e = epoch + 1 publishes the flag value
+  2e - phase (two-shot's first phase uses phase 1, every kernel's last exchange phase 0, so
+  flag words only grow).
 
   `my_flags[j][p]` is where rank p signals this rank (one row per block this block waits
   for, `waits` rows); `flag_on_peer[k]` is this block's flag in peer k's memory (a
@@ -74,7 +78,9 @@ def epoch_flag_exchange(num_ranks: int, waits: int = 1):
     del ctx
     my_flags, flag_on_peer = refs[:waits], refs[waits:]
     i32 = ir.IntegerType.get_signless(32)
-    epoch = memref.load(epoch_ref, [_utils.c(0, ir.IndexType.get())])
+    prev = memref.load(epoch_ref, [_utils.c(0, ir.IndexType.get())])
+    epoch = arith.subi(arith.muli(arith.addi(prev, _utils.c(1, i32)), _utils.c(2, i32)),
+                       _utils.c(phase, i32))  # the flag value 2e - phase
     _utils.warpgroup_barrier()  # every thread's data stores are issued
     with _utils.single_thread(_utils.ThreadSubset.WARPGROUP):
       _utils.inline_ptx("fence.acq_rel.sys;", has_side_effects=True)  # release

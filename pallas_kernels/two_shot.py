@@ -22,12 +22,13 @@ reference = common.reference
 
 
 def _body(n: int, axis: str, chunk: int, steps: int, part: int):
-  exchange = peer_sync.epoch_flag_exchange(n)
+  scattered = peer_sync.epoch_flag_exchange(n, phase=1)
+  gathered = peer_sync.epoch_flag_exchange(n)
 
-  def body(x_ref, sig_ref, _slots_in, _flags_in, y_ref, slots_ref, flags_ref):
+  def body(x_ref, epoch_ref, _slots_in, _flags_in, y_ref, slots_ref, flags_ref, epoch_out):
     me = lax.axis_index(axis)
     b = lax.axis_index("blocks")
-    s = lax.rem(sig_ref[1] // 2, 2)
+    _, s = common.call_epoch(epoch_ref, epoch_out, b)
     base = b * steps * chunk  # this block's range inside every part
     mine = [plgpu.remote_ref(flags_ref.at[b, s, pl.ds(me, 1)], lax.rem(me + k, n))
             for k in range(n)]
@@ -39,7 +40,7 @@ def _body(n: int, axis: str, chunk: int, steps: int, part: int):
         sl = pl.ds(q * part + base + i * chunk, chunk)
         plgpu.remote_ref(slots_ref.at[s, me, sl], q)[...] = x_ref[sl]
 
-    exchange(sig_ref.at[pl.ds(0, 1)], flags_ref.at[b, s], *mine)
+    scattered(epoch_ref, flags_ref.at[b, s], *mine)
 
     @pl.loop(0, steps)
     def _reduce_and_gather(i):  # my part, summed in rank order, to y and to row 0 of peers
@@ -52,7 +53,7 @@ def _body(n: int, axis: str, chunk: int, steps: int, part: int):
       for k in range(1, n):  # row 0 of part `me` is free on every other rank
         plgpu.remote_ref(slots_ref.at[s, 0, sl], lax.rem(me + k, n))[...] = out
 
-    exchange(sig_ref.at[pl.ds(1, 1)], flags_ref.at[b, s], *mine)
+    gathered(epoch_ref, flags_ref.at[b, s], *mine)
 
     @pl.loop(0, steps)
     def _collect(i):
