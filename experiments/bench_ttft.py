@@ -11,7 +11,9 @@ that starts serving as soon as the weights are loaded:
 - pad_max: one executable at the cache length, compiled on the first request;
 - buckets: the bucket set, each bucket compiled on the first request that needs it;
 - hybrid: the bucket set compiled in the background from the start, with JAX's persistent
-  cache; run from an empty cache directory (cold start) and again from it (warm start).
+  cache and a store of compiled executables (models/executable_store.py) in one directory;
+  run from an empty directory (cold start) and again from it (warm start: executables load
+  without tracing, lowering or compiling).
 
 TTFT is prompt in -> first token on the host. Each request prefills the cache the previous
 one returned (a server takes it from a pool), so cache allocation is not counted. A first
@@ -35,6 +37,7 @@ from absl import app, flags
 
 from experiments import records, xla_env
 from models import factory, prefill_runtime
+from models.executable_store import ExecutableStore
 from models.decode import Decoder
 from models.sharding import make_mesh
 
@@ -91,7 +94,9 @@ def _serve(job: dict) -> dict:
       job["policy"], job["buckets"])
   cache, comm = decoder.new_cache(1), decoder.new_comm_state(1)
   t0 = time.perf_counter()
-  runtime = prefill_runtime.PrefillRuntime(decoder, buckets, background=job["policy"] == "hybrid")
+  hybrid = job["policy"] == "hybrid"
+  store = ExecutableStore(pathlib.Path(job["cache_dir"]) / "executables") if hybrid else None
+  runtime = prefill_runtime.PrefillRuntime(decoder, buckets, background=hybrid, store=store)
   requests = []
   for prompt in prompts:
     start = time.perf_counter()
@@ -258,7 +263,8 @@ def main(argv):
               "dtype": "bfloat16", "batch": 1, "command_buffers": _CB.value,
               "xla_flags_set": xla_flags, "cpu_count": os.cpu_count()}
     # Load averages show whether anything else shared the CPU while this ran.
-    extra = {"persistent_cache_bytes": sum(f.stat().st_size for f in cache_dir.glob("*")),
+    extra = {"persistent_cache_bytes": sum(f.stat().st_size for f in cache_dir.rglob("*")
+                                           if f.is_file()),
              "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
     path = records.write("ttft", config, rows, extra=extra)
     print(f"record: {path}")

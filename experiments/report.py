@@ -289,6 +289,7 @@ def _ttft_record(rows: list[dict[str, Any]]) -> str:
     means = {k: [r[k] for r in mine if r[k] is not None]
              for k in ("lower_s", "compile_s", "first_run_s")}
     execs.append({"policy": name, "executables": len(mine),
+                  "from_store": sum(r.get("source") == "store" for r in mine),
                   **{k: sum(v) / len(v) if v else None for k, v in means.items()}})
   out = (f"### {title} x{head['num_devices']}, TP{head['tp']} ({path}, {head['git_sha']})\n\n"
          + table(policies, ["run", "requests", "ttft_ms_median", "ttft_ms_p90", "ttft_ms_p99",
@@ -299,8 +300,10 @@ def _ttft_record(rows: list[dict[str, Any]]) -> str:
          + table([bins[k] for k in sorted(bins)], ["prompt tokens"] + runs) + "\n\n"
          + _plot(f"ttft_{stem}_length", scatter) + "\n\n" + _plot(f"ttft_{stem}_cdf", cdf)
          + "\n\nMean seconds per executable: lowering, XLA compilation (or persistent-cache"
-           " load), and the background warm-up's first run:\n\n"
-         + table(execs, ["policy", "executables", "lower_s", "compile_s", "first_run_s"]))
+           " load, or loading the whole executable from the store: `from_store`), and the"
+           " background warm-up's first run:\n\n"
+         + table(execs, ["policy", "executables", "from_store", "lower_s", "compile_s",
+                         "first_run_s"]))
   if of("bucket_profile"):
     out += ("\n\nBucket choice: every candidate length compiled and timed alone (`run_ms`: median"
             " of three runs after the first), then bucket sets scored on this workload as if all"

@@ -19,8 +19,10 @@ whose bucket is not ready takes whichever is estimated faster: waiting for its b
 to the front of the queue) or running now in a larger ready one. Requests may come from many
 threads.
 
-`enable_persistent_cache` makes a later process load the executables from disk: AOT
-`compile()` goes through JAX's persistent cache, while tracing and lowering still run.
+A later process can start warm two ways: `enable_persistent_cache` routes AOT `compile()`
+through JAX's persistent cache (tracing and lowering still run per bucket), and a
+`store` (models/executable_store.py) loads each bucket's whole executable from disk, with no
+tracing, lowering or compilation; buckets missing from the store are compiled and added.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from models.decode import Decoder
+from models.executable_store import ExecutableStore
 from models.llama import KVCache
 
 # Measured with experiments/bench_ttft.py (docs/prefill.md, "Bucket choice"): compile time per
@@ -88,8 +91,9 @@ class Prefill(NamedTuple):
 class _Built:
   executable: Any  # jax.stages.Compiled
   lower_s: float
-  compile_s: float
+  compile_s: float  # XLA compilation, or loading from the store
   ready_s: float  # since the runtime was created
+  source: str  # "compiled" or "store"
   first_run_s: float | None = None  # background warm-up, after the bucket is ready
   run_s: float | None = None
 
@@ -99,18 +103,20 @@ class PrefillRuntime:
 
   background=False compiles a bucket when a request first needs it, in that request's thread.
   `prior_lengths` (typical prompt lengths) weighs the background order; the default is uniform
-  over 1..largest bucket.
+  over 1..largest bucket. `store` loads buckets compiled by an earlier process and keeps the
+  ones compiled here.
   """
 
   def __init__(self, decoder: Decoder, buckets: Sequence[int] | None = None, *,
-               background: bool = True, prior_lengths: Sequence[int] | None = None):
+               background: bool = True, prior_lengths: Sequence[int] | None = None,
+               store: ExecutableStore | None = None):
     if buckets is None:
       buckets = default_buckets(decoder.max_len)
     buckets = tuple(sorted(set(buckets)))
     if not buckets or buckets[0] < 1 or buckets[-1] > decoder.max_len:
       raise ValueError(f"buckets {list(buckets)} must be non-empty and lie in"
                        f" [1, {decoder.max_len}] (the cache length)")
-    self.decoder, self.buckets, self.background = decoder, buckets, background
+    self.decoder, self.buckets, self.background, self.store = decoder, buckets, background, store
     self._created = time.perf_counter()
     lengths = np.arange(1, buckets[-1] + 1) if prior_lengths is None else np.asarray(prior_lengths)
     slot = np.searchsorted(buckets, lengths[(lengths >= 1) & (lengths <= buckets[-1])])
@@ -264,23 +270,39 @@ class PrefillRuntime:
         self._building[bucket] = time.perf_counter()
       self._build(bucket)
 
-  def _build(self, bucket: int) -> None:
-    """Compiles one bucket and publishes it, or the error that requests for it then raise;
-    in the background, then warms it up."""
+  def _store_key(self, bucket: int) -> str:
+    d = self.decoder
+    return self.store.key(kind="prefill", bucket=bucket, config=repr(d.config),
+                          mesh=repr(d.mesh), backend=d.comm.backend, max_len=d.max_len)
+
+  def _compile(self, bucket: int) -> tuple[Any, float, float, str]:
+    """(executable, lower s, compile or load s, source): from the store when it has the
+    bucket, else traced, lowered and compiled (and added to the store)."""
+    key = self.store and self._store_key(bucket)
+    t0 = time.perf_counter()
+    devices = self.decoder.mesh.devices.flat
+    if self.store and (executable := self.store.load(key, devices)) is not None:
+      return executable, 0.0, time.perf_counter() - t0, "store"
     tokens = jax.ShapeDtypeStruct((1, bucket), jnp.int32, sharding=self._replicated)
     lengths = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=self._replicated)
+    lowered = self.decoder.prefill_fn.lower(self.decoder.state, *self._arg_specs, tokens, lengths)
+    t1 = time.perf_counter()
+    executable = lowered.compile()
+    t2 = time.perf_counter()
+    if self.store:
+      self.store.save(key, executable)
+    return executable, t1 - t0, t2 - t1, "compiled"
+
+  def _build(self, bucket: int) -> None:
+    """Compiles (or loads) one bucket and publishes it, or the error that requests for it
+    then raise; in the background, then warms it up."""
     try:
       with self._trace_lock:
-        t0 = time.perf_counter()
-        lowered = self.decoder.prefill_fn.lower(self.decoder.state, *self._arg_specs, tokens,
-                                                lengths)
-        t1 = time.perf_counter()
-        executable = lowered.compile()
-        t2 = time.perf_counter()
+        executable, lower_s, compile_s, source = self._compile(bucket)
     except Exception as e:
       self._publish(bucket, error=e)
       return
-    built = _Built(executable, t1 - t0, t2 - t1, time.perf_counter() - self._created)
+    built = _Built(executable, lower_s, compile_s, time.perf_counter() - self._created, source)
     self._publish(bucket, built)
     if not self.background:
       return
@@ -337,15 +359,16 @@ class PrefillRuntime:
       return tuple(sorted(self._built))
 
   def stats(self) -> list[dict[str, Any]]:
-    """One flat row per compiled bucket: seconds to lower and compile it, its ready time since
-    creation, its warm-up runs (background builds; None until done), memory in bytes."""
+    """One flat row per compiled bucket: seconds to lower and compile (or load) it, where it
+    came from, its ready time since creation, its warm-up runs (background builds; None until
+    done), memory in bytes."""
     with self._cv:
       built = dict(sorted(self._built.items()))
     rows = []
     for bucket, b in built.items():
       memory = b.executable.memory_analysis()
       rows.append({"bucket": bucket, "lower_s": b.lower_s, "compile_s": b.compile_s,
-                   "ready_s": b.ready_s, "first_run_s": b.first_run_s, "run_s": b.run_s,
+                   "source": b.source, "ready_s": b.ready_s, "first_run_s": b.first_run_s, "run_s": b.run_s,
                    "code_bytes": getattr(memory, "generated_code_size_in_bytes", None),
                    "temp_bytes": getattr(memory, "temp_size_in_bytes", None)})
     return rows

@@ -11,6 +11,7 @@ import pytest
 
 from hf_fixtures import random_weights, tiny_config, write_checkpoint
 from model_helpers import decoder_from_weights
+from models.executable_store import ExecutableStore
 from models.prefill_runtime import PrefillRuntime, default_buckets
 
 MAX_LEN = 64
@@ -158,3 +159,35 @@ def test_persistent_cache_serves_a_second_start(tmp_path):
   second = start()
   assert second["misses"] == 0 and second["hits"] == first["misses"]
   assert second["compile_s"] < first["compile_s"]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_executable_store_serves_a_new_runtime(tmp_path_factory, tmp_path, tp):
+  decoder = _decoder(tmp_path_factory, tp)
+  store = ExecutableStore(tmp_path / "executables")
+  first = PrefillRuntime(decoder, (8, 16), background=False, store=store)
+  first.wait()
+  assert [r["source"] for r in first.stats()] == ["compiled", "compiled"]
+  assert store.entries() == 2
+  second = PrefillRuntime(decoder, (8, 16), background=False, store=store)
+  second.wait()
+  stats = second.stats()
+  assert [r["source"] for r in stats] == ["store", "store"]
+  assert all(r["lower_s"] == 0.0 and r["temp_bytes"] is not None for r in stats)
+  for n in (3, 8, 11):
+    _assert_same_prefill(second.prefill(_prompt(n)), _exact(decoder, _prompt(n)), n)
+
+
+def test_executable_store_keys_and_damaged_entries(decoder, tmp_path):
+  store = ExecutableStore(tmp_path / "executables")
+  runtime = PrefillRuntime(decoder, (8, 16), background=False, store=store)
+  assert len({runtime._store_key(8), runtime._store_key(16)}) == 2
+  assert store.key(a=1) == store.key(a=1) != store.key(a=2)
+  runtime.wait(8)
+  path = next(store.directory.glob("*.executable"))
+  path.write_bytes(b"not an executable")
+  again = PrefillRuntime(decoder, (8,), background=False, store=store)
+  again.wait()
+  assert again.stats()[0]["source"] == "compiled"  # the damaged entry was compiled anew
+  _assert_same_prefill(again.prefill(_prompt(5)), _exact(decoder, _prompt(5)), 5)
+  assert store.load(runtime._store_key(8), decoder.mesh.devices.flat) is not None  # replaced
