@@ -121,7 +121,8 @@ def main(argv):
   if unknown := sorted(set(_GEMMS.value) - set(xla_env.GEMMS)):
     raise app.UsageError(f"unknown --gemms {unknown}; choose from {list(xla_env.GEMMS)}")
   rows = xla_env.run_children("experiments.bench_matvec", _GEMMS.value)
-  config = {"gemms": {g: xla_env.GEMMS[g] for g in _GEMMS.value},"model_shapes": "llama2-7b", "dtype": "bfloat16", "batch": 1, "runs": _RUNS.value,
+  config = {"gemms": {g: xla_env.GEMMS[g] for g in _GEMMS.value}, "model_shapes": "llama2-7b",
+            "dtype": "bfloat16", "batch": 1, "runs": _RUNS.value,
             "copies": _COPIES.value, "reps": _REPS.value,
             "timing": "wall clock of one executable of copies*reps chained dots / count"}
   print(f"record: {records.write('matvec', config, rows)}")

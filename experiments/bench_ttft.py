@@ -104,7 +104,7 @@ def _serve(job: dict) -> dict:
     int(out.next_b[0])
     ttft = time.perf_counter() - start
     cache, comm = out.cache, out.comm_state
-    requests.append({"length": len(prompt), "bucket": out.bucket,
+    requests.append({"t_s": start - t0, "length": len(prompt), "bucket": out.bucket,
                      "exact_bucket": runtime.bucket_for(len(prompt)), "ttft_ms": ttft * 1e3,
                      "compile_wait_ms": out.compile_wait_s * 1e3})
   serve_s = time.perf_counter() - t0
@@ -183,6 +183,20 @@ def _score_sets(profile: list[dict], lengths: list[int], max_len: int, default: 
   return rows
 
 
+def _steady(reqs: list[dict], execs: list[dict], policy: str) -> dict:
+  """TTFT of the requests that arrived once every executable was ready (hybrid: all buckets
+  compiled; the others: after the last request that compiled): the steady state."""
+  if policy == "hybrid":
+    ready = max(e["ready_s"] for e in execs)
+  else:
+    ready = max((r["t_s"] for r in reqs if r["compile_wait_ms"] > 1.0), default=0.0)
+  steady = [r["ttft_ms"] for r in reqs if r["t_s"] > ready]
+  stats = records.summarize(steady, "steady_ttft_ms_") if steady else {}
+  return {"steady_after_s": ready, "steady_requests": len(steady), **stats,
+          "steady_p99_over_p50": (stats["steady_ttft_ms_p99"] / stats["steady_ttft_ms_median"]
+                                  if steady else None)}
+
+
 def _policy_rows(name: str, start: str, result: dict, job: dict) -> list[dict]:
   reqs, execs = result["requests"], result["executables"]
   ttft = [r["ttft_ms"] for r in reqs]
@@ -196,7 +210,7 @@ def _policy_rows(name: str, start: str, result: dict, job: dict) -> list[dict]:
              "fallbacks": sum(r["bucket"] != r["exact_bucket"] for r in reqs),
              "blocked_on_compile": sum(r["compile_wait_ms"] > 1.0 for r in reqs),
              "padding_frac": float(np.mean([r["bucket"] / r["length"] - 1 for r in reqs])),
-             "serve_s": result["serve_s"]}
+             "serve_s": result["serve_s"], **_steady(reqs, execs, name)}
   bins = {}
   for r in reqs:
     bins.setdefault(_bin(r["length"]), []).append(r["ttft_ms"])

@@ -242,7 +242,8 @@ def _ttft_section(rows):
            " `blocked_on_compile` requests that waited for (or did) a compilation;"
            " `padding_frac` the mean padding per request, relative to its prompt length;"
            " `exec_temp_mib` XLA's temp memory summed over executables (their code size reads 0"
-           " on XLA:CPU).")
+           " on XLA:CPU); `steady_*` the requests that arrived after every executable was ready"
+           " (hybrid: all buckets built; others: after the last request that compiled).")
   paths = sorted({r["path"] for r in rows})
   return "\n\n".join([intro] + [_ttft_record([r for r in rows if r["path"] == p]) for p in paths])
 
@@ -295,7 +296,9 @@ def _ttft_record(rows: list[dict[str, Any]]) -> str:
          + table(policies, ["run", "requests", "ttft_ms_median", "ttft_ms_p90", "ttft_ms_p99",
                             "first_ttft_ms", "ready_all_s", "executables", "exec_temp_mib",
                             "compile_s_total", "fallbacks", "blocked_on_compile",
-                            "padding_frac", "serve_s"])
+                            "padding_frac", "serve_s", "steady_after_s", "steady_requests",
+                            "steady_ttft_ms_median", "steady_ttft_ms_p99",
+                            "steady_p99_over_p50"])
          + "\n\nTTFT median / P99 (ms) per prompt-length bin:\n\n"
          + table([bins[k] for k in sorted(bins)], ["prompt tokens"] + runs) + "\n\n"
          + _plot(f"ttft_{stem}_length", scatter) + "\n\n" + _plot(f"ttft_{stem}_cdf", cdf)

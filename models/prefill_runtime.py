@@ -368,7 +368,8 @@ class PrefillRuntime:
     for bucket, b in built.items():
       memory = b.executable.memory_analysis()
       rows.append({"bucket": bucket, "lower_s": b.lower_s, "compile_s": b.compile_s,
-                   "source": b.source, "ready_s": b.ready_s, "first_run_s": b.first_run_s, "run_s": b.run_s,
+                   "source": b.source, "ready_s": b.ready_s, "first_run_s": b.first_run_s,
+                   "run_s": b.run_s,
                    "code_bytes": getattr(memory, "generated_code_size_in_bytes", None),
                    "temp_bytes": getattr(memory, "temp_size_in_bytes", None)})
     return rows
