@@ -183,13 +183,17 @@ def _score_sets(profile: list[dict], lengths: list[int], max_len: int, default: 
   return rows
 
 
-def _steady(reqs: list[dict], execs: list[dict], policy: str) -> dict:
-  """TTFT of the requests that arrived once every executable was ready (hybrid: all buckets
-  compiled; the others: after the last request that compiled): the steady state."""
+def _steady_after(reqs: list[dict], execs: list[dict], policy: str) -> float:
+  """Seconds after which every executable was ready (hybrid: all buckets compiled; the
+  others: the last request that compiled): later requests are the steady state."""
   if policy == "hybrid":
-    ready = max(e["ready_s"] for e in execs)
-  else:
-    ready = max((r["t_s"] for r in reqs if r["compile_wait_ms"] > 1.0), default=0.0)
+    return max(e["ready_s"] for e in execs)
+  return max((r["t_s"] for r in reqs if r["compile_wait_ms"] > 1.0), default=0.0)
+
+
+def _steady(reqs: list[dict], execs: list[dict], policy: str) -> dict:
+  """TTFT statistics of the steady-state requests."""
+  ready = _steady_after(reqs, execs, policy)
   steady = [r["ttft_ms"] for r in reqs if r["t_s"] > ready]
   stats = records.summarize(steady, "steady_ttft_ms_") if steady else {}
   return {"steady_after_s": ready, "steady_requests": len(steady), **stats,
@@ -197,7 +201,10 @@ def _steady(reqs: list[dict], execs: list[dict], policy: str) -> dict:
                                   if steady else None)}
 
 
-def _policy_rows(name: str, start: str, result: dict, job: dict) -> list[dict]:
+def _policy_rows(name: str, start: str, result: dict, job: dict, exact_ms=None) -> list[dict]:
+  """Summary, per-length-bin, per-executable and per-request rows of one policy's run.
+  `exact_ms(length)`, from the bucket profile of the same run, is exact-length prefill time:
+  bins compare their steady-state median TTFT with it."""
   reqs, execs = result["requests"], result["executables"]
   ttft = [r["ttft_ms"] for r in reqs]
   tag = {"policy": name, "start": start, "model": job["model"], "tp": job["tp"]}
@@ -211,12 +218,21 @@ def _policy_rows(name: str, start: str, result: dict, job: dict) -> list[dict]:
              "blocked_on_compile": sum(r["compile_wait_ms"] > 1.0 for r in reqs),
              "padding_frac": float(np.mean([r["bucket"] / r["length"] - 1 for r in reqs])),
              "serve_s": result["serve_s"], **_steady(reqs, execs, name)}
+  ready = _steady_after(reqs, execs, name)
   bins = {}
   for r in reqs:
-    bins.setdefault(_bin(r["length"]), []).append(r["ttft_ms"])
+    bins.setdefault(_bin(r["length"]), []).append(r)
   rows = [summary]
-  rows += [{"row": "bin", **tag, "bin": f"{lo}-{hi}", "len_lo": lo, "len_hi": hi,
-            **records.summarize(v, "ttft_ms_")} for (lo, hi), v in sorted(bins.items())]
+  for (lo, hi), mine in sorted(bins.items()):
+    steady = [r for r in mine if r["t_s"] > ready]
+    row = {"row": "bin", **tag, "bin": f"{lo}-{hi}", "len_lo": lo, "len_hi": hi,
+           **records.summarize([r["ttft_ms"] for r in mine], "ttft_ms_"),
+           "steady_requests": len(steady)}
+    if steady and exact_ms is not None:
+      row["steady_ttft_ms_median"] = float(np.median([r["ttft_ms"] for r in steady]))
+      row["exact_ms_median"] = float(np.median([exact_ms(r["length"]) for r in steady]))
+      row["steady_vs_exact"] = row["steady_ttft_ms_median"] / row["exact_ms_median"]
+    rows.append(row)
   rows += [{"row": "executable", **tag, **e} for e in execs]
   rows += [{"row": "request", **tag, "index": i, **r} for i, r in enumerate(reqs)]
   return rows
@@ -247,11 +263,14 @@ def main(argv):
         flush=True)
 
   rows, t_start, load_start = [], time.perf_counter(), os.getloadavg()
+  exact_ms = None
   if _PROFILE.value:
     print("profiling candidate buckets", flush=True)
     candidates = (16, *range(32, max_len, 32), max_len)
     profile = _in_fresh_process(_profile, {**job, "candidates": candidates})
     rows += [{"row": "bucket_profile", **p} for p in profile]
+    xs, ys = [p["length"] for p in profile], [p["run_ms"] for p in profile]
+    exact_ms = lambda n: float(np.interp(n, xs, ys))  # exact-length prefill, this run
     sets = _score_sets(profile, lengths, max_len, prefill_runtime.default_buckets(max_len))
     rows += [{"row": "bucket_set", **s} for s in sets]
     for s in sets:
@@ -261,7 +280,7 @@ def main(argv):
   runs = [(p, s) for p in policies for s in (("cold", "warm") if p == "hybrid" else ("cold",))]
   for policy, start in runs:
     result = _in_fresh_process(_serve, {**job, "policy": policy})
-    policy_rows = _policy_rows(policy, start, result, job)
+    policy_rows = _policy_rows(policy, start, result, job, exact_ms)
     rows += policy_rows
     s = policy_rows[0]
     ready = "" if s["ready_all_s"] is None else f"  all buckets ready at {s['ready_all_s']:.1f} s"

@@ -281,9 +281,14 @@ def _ttft_record(rows: list[dict[str, Any]]) -> str:
     ax.legend(fontsize=7)
 
   bins: dict[int, dict[str, Any]] = {}
+  ratio_cols = []
   for b in of("bin"):
-    bins.setdefault(b["len_hi"], {"prompt tokens": b["bin"]})[run(b)] = (
-        f"{b['ttft_ms_median']:.0f} / {b['ttft_ms_p99']:.0f}")
+    row = bins.setdefault(b["len_hi"], {"prompt tokens": b["bin"]})
+    row[run(b)] = f"{b['ttft_ms_median']:.0f} / {b['ttft_ms_p99']:.0f}"
+    if b.get("steady_vs_exact") is not None and b["policy"] == "hybrid":
+      col = f"{run(b)} steady / exact"
+      row[col] = b["steady_vs_exact"]
+      ratio_cols += [col] if col not in ratio_cols else []
   execs = []
   for name in runs:
     mine = [r for r in of("executable") if run(r) == name]
@@ -299,8 +304,11 @@ def _ttft_record(rows: list[dict[str, Any]]) -> str:
                             "padding_frac", "serve_s", "steady_after_s", "steady_requests",
                             "steady_ttft_ms_median", "steady_ttft_ms_p99",
                             "steady_p99_over_p50"])
-         + "\n\nTTFT median / P99 (ms) per prompt-length bin:\n\n"
-         + table([bins[k] for k in sorted(bins)], ["prompt tokens"] + runs) + "\n\n"
+         + "\n\nTTFT median / P99 (ms) per prompt-length bin; `steady / exact`: hybrid's"
+           " median TTFT once every bucket was ready over exact-length prefill time at the same"
+           " lengths (the bucket profile of this run, interpolated):\n\n"
+         + table([bins[k] for k in sorted(bins)], ["prompt tokens"] + runs + ratio_cols)
+         + "\n\n"
          + _plot(f"ttft_{stem}_length", scatter) + "\n\n" + _plot(f"ttft_{stem}_cdf", cdf)
          + "\n\nMean seconds per executable: lowering, XLA compilation (or persistent-cache"
            " load, or loading the whole executable from the store: `from_store`), and the"
