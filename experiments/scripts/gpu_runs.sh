@@ -5,8 +5,12 @@
 # Steps that load SmolLM2 need .carry_a and .carry_b (the wheel in two parts, see gpu_env.sh).
 source experiments/scripts/gpu_env.sh
 export TPDECODE_GIT_SHA=${TPDECODE_GIT_SHA:-unknown}
+# XLA's autotuning results, shared by the decode, matvec and all-reduce processes of a
+# session (fewer compile seconds, the same kernel choices in every process); never for
+# bench_ttft, whose cold starts must autotune like any first start.
+TUNED="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune"
 bench() { timeout "$1" python3 -m "experiments.$2" "${@:3}" 2>&1 | grep -v "^I1\|^W1" | tee -a $OUT/full.log | tail -40; }
-decode() { bench 280 bench_decode --model "${MODEL:-llama2-7b}" --tp "${TPS:-1,2}" "$@"; }
+decode() { XLA_FLAGS="$TUNED" bench 280 bench_decode --model "${MODEL:-llama2-7b}" --tp "${TPS:-1,2}" "$@"; }
 for step in "$@"; do
   echo "=== $step"
   case $step in
@@ -23,7 +27,7 @@ for step in "$@"; do
     diag)           for c in nocupti cupti; do  # the abort at 256 KB (docs/allreduce.md), with copy counts
                       bench 150 bench_allreduce --tp 2 --flavours pallas --impls one_shot --$c \
                         --min_bytes 131072 --max_bytes 1048576 --runs 30; done ;;
-    matvec)         bench 300 bench_matvec --tps 1,2 --forms nd --gemms default,cublas ;;
+    matvec)         XLA_FLAGS="$TUNED" bench 300 bench_matvec --tps 1,2 --forms nd --gemms default,cublas ;;
     decode_gemm)    decode --backend xla --command_buffers while --gemm cublas --runs 4 ;;
     decode_dump)    TPS=2 decode --backend xla --command_buffers while --dump_dir /tmp/dump_w --runs 2 --loops jit ;;
     decode_while)   decode --backend xla,one_shot,fused --command_buffers while --runs 4 ;;
