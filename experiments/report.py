@@ -248,6 +248,16 @@ def _ttft_section(rows):
   return "\n\n".join([intro] + [_ttft_record([r for r in rows if r["path"] == p]) for p in paths])
 
 
+def _steady_tail(requests, policies, b, run) -> float | None:
+  """P99 / P50 of one bin's steady-state TTFTs (requests after every executable was ready)."""
+  import numpy as np
+
+  summary = next(p for p in policies if run(p) == run(b))
+  ttft = [r["ttft_ms"] for r in requests if run(r) == run(b) and "t_s" in r
+          and r["t_s"] > summary["steady_after_s"] and b["len_lo"] <= r["length"] <= b["len_hi"]]
+  return float(np.percentile(ttft, 99) / np.median(ttft)) if ttft else None
+
+
 def _ttft_record(rows: list[dict[str, Any]]) -> str:
   """Tables and plots of one bench_ttft record (its rows)."""
   of = lambda kind: [r for r in rows if r["row"] == kind]
@@ -289,6 +299,11 @@ def _ttft_record(rows: list[dict[str, Any]]) -> str:
       col = f"{run(b)} steady / exact"
       row[col] = b["steady_vs_exact"]
       ratio_cols += [col] if col not in ratio_cols else []
+      tail = _steady_tail(of("request"), of("policy"), b, run)
+      if tail is not None:
+        col = f"{run(b)} steady P99 / P50"
+        row[col] = tail
+        ratio_cols += [col] if col not in ratio_cols else []
   execs = []
   for name in runs:
     mine = [r for r in of("executable") if run(r) == name]
@@ -306,7 +321,8 @@ def _ttft_record(rows: list[dict[str, Any]]) -> str:
                             "steady_p99_over_p50"])
          + "\n\nTTFT median / P99 (ms) per prompt-length bin; `steady / exact`: hybrid's"
            " median TTFT once every bucket was ready over exact-length prefill time at the same"
-           " lengths (the bucket profile of this run, interpolated):\n\n"
+           " lengths (the bucket profile of this run, interpolated); `steady P99 / P50`: its"
+           " tail within the bin:\n\n"
          + table([bins[k] for k in sorted(bins)], ["prompt tokens"] + runs + ratio_cols)
          + "\n\n"
          + _plot(f"ttft_{stem}_length", scatter) + "\n\n" + _plot(f"ttft_{stem}_cdf", cdf)
