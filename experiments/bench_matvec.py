@@ -6,8 +6,9 @@ becomes a vector, and it strength-reduces vector-matrix dots whose operands hold
 LLaMA-2-7B projections are just over that line (4096 x 4096); at TP=2 they fall under it.
 This benchmark times each dot form at each per-rank shape, separate and fused (q/k/v and
 gate/up as one matrix, as models/llama.py stores them), and names the kernel XLA chose,
-once per way XLA may emit dots (`--gemms`: its autotuned Triton GEMM fusions, or cuBLAS;
-xla_env.GEMMS), each in its own process, merged into one record.
+once per way the dots may be emitted (`--gemms`: XLA's autotuned Triton GEMM fusions,
+cuBLAS (xla_env.GEMMS), or `pallas`: the package's GEMV kernel, pallas_kernels/gemv.py, for
+the `nd` form), each in its own process, merged into one record.
 
   python -m experiments.bench_matvec --gemms default,cublas
 """
@@ -24,12 +25,14 @@ import numpy as np
 from absl import app, flags
 
 from experiments import records, xla_env
+from pallas_kernels import gemv
 
 _TPS = flags.DEFINE_list("tps", ["1", "2", "4", "8"], "Tensor-parallel degrees to emulate.")
 _RUNS = flags.DEFINE_integer("runs", 30, "Timed runs (median reported).")
 _COPIES = flags.DEFINE_integer("copies", 48, "Distinct weights per run, each used once.")
 _FORMS = flags.DEFINE_list("forms", ["dn", "nd", "nd_rows2"], "Dot forms to time (see dense).")
-_GEMMS = flags.DEFINE_list("gemms", ["default", "cublas"], f"Of {list(xla_env.GEMMS)}.")
+GEMMS = (*xla_env.GEMMS, "pallas")
+_GEMMS = flags.DEFINE_list("gemms", ["default", "cublas", "pallas"], f"Of {GEMMS}.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: the GEMM setting this process measures.")
 _OUT = flags.DEFINE_string("child_out", None, "Internal: where a child writes its rows.")
 _REPS = flags.DEFINE_integer("reps", 1, "Passes over the weights per run (>1 lets XLA merge "
@@ -37,7 +40,7 @@ _REPS = flags.DEFINE_integer("reps", 1, "Passes over the weights per run (>1 let
 
 
 
-def dense(form: str, x, w):
+def dense(form: str, x, w, gemm: str = "default"):
   """x (1, d) against w stored (d, n) for 'dn' or (n, d) for 'nd*'.
 
   'nd_rows2' presents the batch-1 activation as two rows, so that the dot keeps a
@@ -45,6 +48,8 @@ def dense(form: str, x, w):
   """
   if form == "dn":
     return jnp.einsum("bd,dn->bn", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  if form == "nd" and gemm == "pallas":
+    return gemv.gemv(x, w, gemv.config_for(*w.shape))
   if form == "nd":
     return jnp.einsum("bd,nd->bn", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
   if form == "nd_rows2":
@@ -62,7 +67,7 @@ def entry_kernels(hlo_text: str) -> str:
   return ";".join([n for n, _ in found] + targets + kinds) or "none"
 
 
-def measure(form: str, d_in: int, d_out: int):
+def measure(form: str, d_in: int, d_out: int, gemm: str):
   keys = jax.random.split(jax.random.key(0), _COPIES.value + 1)
   shape = (d_in, d_out) if form == "dn" else (d_out, d_in)
   ws = [jax.random.normal(k, shape, jnp.bfloat16) for k in keys[1:]]
@@ -73,12 +78,12 @@ def measure(form: str, d_in: int, d_out: int):
     acc = jnp.zeros((1, d_out), jnp.float32)
     for r in range(_REPS.value):
       for c, w in enumerate(ws):
-        acc = acc + dense(form, xs[r * len(ws) + c], w).astype(jnp.float32)
+        acc = acc + dense(form, xs[r * len(ws) + c], w, gemm).astype(jnp.float32)
     return acc
 
   compiled = jax.jit(run).lower(xs, ws).compile()
   # One dot compiled alone shows which kernel XLA picks for it.
-  single = jax.jit(lambda x, w: dense(form, x, w))
+  single = jax.jit(lambda x, w: dense(form, x, w, gemm))
   kind = entry_kernels(single.lower(xs[0], ws[0]).compile().as_text())
   x = xs[0]
   ref = np.asarray(x, np.float32) @ (np.asarray(ws[0], np.float32) if form == "dn"
@@ -97,7 +102,7 @@ def measure(form: str, d_in: int, d_out: int):
 
 
 def run_child(gemm: str, out_path: str):
-  xla_env.apply(gemm=gemm)
+  xla_env.apply(gemm=gemm if gemm in xla_env.GEMMS else "default")
   d, f = 4096, 11008  # LLaMA-2-7B
   rows = []
   for tp in map(int, _TPS.value):
@@ -106,7 +111,9 @@ def run_child(gemm: str, out_path: str):
               "down_proj": (f // tp, d)}
     for name, (d_in, d_out) in shapes.items():
       for form in _FORMS.value:
-        row = {"tp": tp, "matrix": name, "gemm": gemm, **measure(form, d_in, d_out)}
+        if gemm == "pallas" and (form != "nd" or jax.default_backend() != "gpu"):
+          continue  # the kernel takes the package's (out, in) layout, on a GPU
+        row = {"tp": tp, "matrix": name, "gemm": gemm, **measure(form, d_in, d_out, gemm)}
         rows.append(row)
         print(f"{gemm} tp={tp} {name:13s} {form:9s} {row['us_median']:8.2f} us"
               f" {row['gbps']:6.0f} GB/s rel_err {row['rel_err']:.1e}  {row['kernel']}", flush=True)
@@ -118,10 +125,11 @@ def main(argv):
   del argv
   if _CHILD.value:
     return run_child(_CHILD.value, _OUT.value)
-  if unknown := sorted(set(_GEMMS.value) - set(xla_env.GEMMS)):
-    raise app.UsageError(f"unknown --gemms {unknown}; choose from {list(xla_env.GEMMS)}")
+  if unknown := sorted(set(_GEMMS.value) - set(GEMMS)):
+    raise app.UsageError(f"unknown --gemms {unknown}; choose from {list(GEMMS)}")
   rows = xla_env.run_children("experiments.bench_matvec", _GEMMS.value)
-  config = {"gemms": {g: xla_env.GEMMS[g] for g in _GEMMS.value}, "model_shapes": "llama2-7b",
+  config = {"gemms": {g: xla_env.GEMMS.get(g, "pallas_kernels/gemv.py") for g in _GEMMS.value},
+            "model_shapes": "llama2-7b",
             "dtype": "bfloat16", "batch": 1, "runs": _RUNS.value,
             "copies": _COPIES.value, "reps": _REPS.value,
             "timing": "wall clock of one executable of copies*reps chained dots / count"}

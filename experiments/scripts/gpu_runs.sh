@@ -27,7 +27,7 @@ for step in "$@"; do
     diag)           for c in nocupti cupti; do  # the abort at 256 KB (docs/allreduce.md), with copy counts
                       bench 150 bench_allreduce --tp 2 --flavours pallas --impls one_shot --$c \
                         --min_bytes 131072 --max_bytes 1048576 --runs 30; done ;;
-    matvec)         XLA_FLAGS="$TUNED" bench 300 bench_matvec --tps 1,2 --forms nd --gemms default,cublas ;;
+    matvec)         XLA_FLAGS="$TUNED" bench 300 bench_matvec --tps 1,2 --forms nd --gemms default,cublas,pallas ;;
     decode_gemm)    decode --backend xla --command_buffers while --gemm cublas --runs 4 ;;
     decode_dump)    TPS=2 decode --backend xla --command_buffers while --dump_dir /tmp/dump_w --runs 2 --loops jit ;;
     decode_while)   decode --backend xla,one_shot,fused --command_buffers while --runs 4 ;;
