@@ -29,6 +29,8 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Sequences decoded together.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per sequence.")
 _GEN = flags.DEFINE_integer("gen_len", 256, "Generated tokens per sequence.")
 _BACKENDS = flags.DEFINE_list("backend", ["xla"], "All-reduce backends (models/collectives.py).")
+_MATMULS = flags.DEFINE_list("matmul", ["xla"], "Projection implementations"
+                             " (models/llama.MATMULS): XLA's dots or the Pallas GEMV kernel.")
 _LOOPS = flags.DEFINE_list("loops", ["jit", "python"], "Decode loops to time (jit, python).")
 _CB = flags.DEFINE_enum("command_buffers", "default", list(xla_env.COMMAND_BUFFERS),
                         "XLA command buffers: default set, off, or the whole loop (+WHILE).")
@@ -81,11 +83,12 @@ def main(argv):
     log(f"tp={tp}: weights ready; HBM floor {floor_ms:.3f} ms per token")
     prompts = np.random.default_rng(0).integers(3, config.vocab_size,
                                                 (_BATCH.value, _PROMPT.value)).tolist()
-    for backend in _BACKENDS.value:
+    for backend, matmul in [(b, m) for b in _BACKENDS.value for m in _MATMULS.value]:
       if tp == 1 and backend != "xla":
         log(f"tp=1: skipping {backend} (no communication at TP=1: it runs as xla)")
         continue
-      decoder = Decoder(config, graphdef, state, mesh, backend=backend, max_len=max_len)
+      decoder = Decoder(config, graphdef, state, mesh, backend=backend, max_len=max_len,
+                        matmul=matmul)
       for loop in _LOOPS.value:
         decoder.generate(prompts, _GEN.value, loop=loop, stop_at_eos=False)  # compile, warm up
         samples, ttft = [], []
@@ -99,7 +102,7 @@ def main(argv):
         rows.append({
             "model": _MODEL.value, "tp": tp, "batch": _BATCH.value, "backend": backend,
             "loop": loop, "command_buffers": _CB.value, "xla_collectives": _COLL.value,
-            "gemm": _GEMM.value, **stats,
+            "gemm": _GEMM.value, "matmul": matmul, **stats,
             "tokens_per_s": _BATCH.value * 1e3 / med,
             "weight_gbps_per_device": weight_bytes / (med * 1e-3) / 1e9,
             "hbm_copy_gbps": copy_gbps, "hbm_floor_ms": floor_ms, "floor_fraction": floor_ms / med,
@@ -108,18 +111,19 @@ def main(argv):
         # Every configuration must decode the tokens of the first one at its TP degree.
         first = tokens.setdefault(tp, gen.tokens)
         rows[-1]["tokens_match_first"] = bool((gen.tokens == first).all())
-        log(f"tp={tp} {backend:8s} {loop:6s} TPOT median {med:.3f} ms  P90 "
+        log(f"tp={tp} {backend:8s} {matmul:6s} {loop:6s} TPOT median {med:.3f} ms  P90 "
             f"{stats['tpot_ms_p90']:.3f}  P99 {stats['tpot_ms_p99']:.3f}  ({floor_ms / med:.0%} of floor)"
             f"{'' if rows[-1]['tokens_match_first'] else '  TOKENS DIFFER from the first config'}")
       if _PROFILE.value and "jit" in _LOOPS.value:
         split, top = _profile(decoder, prompts, steps, profiling)
-        jit_row = next(r for r in rows if (r["tp"], r["backend"], r["loop"]) == (tp, backend, "jit"))
+        jit_row = next(r for r in rows if (r["tp"], r["backend"], r["matmul"], r["loop"])
+                       == (tp, backend, matmul, "jit"))
         tpot_us = jit_row["tpot_ms_median"] * 1e3
         for row in rows:
-          if (row["tp"], row["backend"]) == (tp, backend):
+          if (row["tp"], row["backend"], row["matmul"]) == (tp, backend, matmul):
             row.update(split)
             row["all_reduce_share_of_tpot"] = split.get("gpu_all_reduce_us", 0.0) / tpot_us
-        extra["profiles"][f"tp{tp}_{backend}"] = top
+        extra["profiles"][f"tp{tp}_{backend}_{matmul}"] = top
         log(f"profile per step (µs): { {k: round(v, 1) for k, v in split.items()} }")
     del state, graphdef
   if _DUMP.value:
@@ -127,7 +131,8 @@ def main(argv):
     log(f"thunk sequence evidence: {extra['command_buffers_in_dump']}")
   config_rec = {"model": _MODEL.value, "tp": _TPS.value, "batch": _BATCH.value,
                 "prompt_len": _PROMPT.value, "gen_len": _GEN.value, "max_len": max_len,
-                "backends": _BACKENDS.value, "command_buffers": _CB.value,
+                "backends": _BACKENDS.value, "matmuls": _MATMULS.value,
+                "command_buffers": _CB.value,
                 "xla_collectives": _COLL.value, "gemm": _GEMM.value, "runs": _RUNS.value,
                 "dtype": "bfloat16",
                 "weights": "random", "xla_flags_set": flags_str}

@@ -85,7 +85,8 @@ def _matvec_section(rows):
 
 
 def _decode_section(rows):
-  cols = ["tp", "backend", "loop", "command_buffers", "xla_collectives", "gemm", "tpot_ms_median",
+  cols = ["tp", "backend", "matmul", "loop", "command_buffers", "xla_collectives", "gemm",
+          "tpot_ms_median",
           "tpot_ms_p90", "tpot_ms_p99", "tokens_per_s", "weight_gbps_per_device",
           "hbm_copy_gbps", "floor_fraction", "gpu_all_reduce_us", "all_reduce_share_of_tpot",
           "git_sha", "path"]
@@ -129,7 +130,8 @@ def _claims_section(rows):
       return None
     return min(pairs, key=lambda p: (not p[2], abs(stamp(p[0]) - stamp(p[1]))))
 
-  key = lambda r: (r["model"], r["batch"], r["tp"], r["xla_collectives"], r["gemm"])
+  key = lambda r: (r["model"], r["batch"], r["tp"], r["xla_collectives"], r["gemm"],
+                   r["matmul"])
   lines = ["| claim (study: Gemma2, 8xH100, TP=8) | study | ours | records |", "|---|---|---|---|"]
   shares = [r for r in jit if r.get("all_reduce_share_of_tpot") and r["backend"] == "xla"]
   for r in shares:
@@ -386,7 +388,7 @@ def _add_norm_section(rows):
 
 
 def _decode_sections(rows):
-  rows = [{"gemm": "default", **r} for r in rows]  # records before --gemm ran XLA's default
+  rows = [{"gemm": "default", "matmul": "xla", **r} for r in rows]  # older records' settings
   return _claims_section(rows) + "\n\n" + _decode_section(rows)
 
 

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from models import sharding
 from models.collectives import BACKENDS, Comm
 from models.config import LlamaConfig
-from models.llama import Block, KVCache, Llama
+from models.llama import MATMULS, Block, KVCache, Llama
 
 
 def _leaf_name(path) -> str:
@@ -78,11 +78,15 @@ def init_random(config: LlamaConfig, mesh: Mesh, seed: int = 0):
 
 class Decoder:
   """Compiled prefill, decode step and generation loops for one model, mesh, all-reduce
-  backend and cache length (any batch size; each shape compiles once)."""
+  backend, matmul implementation (models/llama.MATMULS) and cache length (any batch size;
+  each shape compiles once)."""
 
   def __init__(self, config: LlamaConfig, graphdef: nnx.GraphDef, state: nnx.State, mesh: Mesh,
-               *, backend: str = "xla", max_len: int = 512):
+               *, backend: str = "xla", max_len: int = 512, matmul: str = "xla"):
+    if matmul not in MATMULS:
+      raise ValueError(f"unknown matmul {matmul!r}; choose from {MATMULS}")
     self.config, self.graphdef, self.state, self.mesh = config, graphdef, state, mesh
+    self.matmul = matmul
     self.tp = mesh.shape[sharding.TP]
     self.max_len = max_len
     self.comm = Comm(backend=backend, axis=sharding.TP, eps=self.config.rms_norm_eps)
@@ -138,14 +142,15 @@ class Decoder:
     t = tokens_bt.shape[1]
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_bt.shape)
     logits, cache, comm_state = self._model(state)(
-        tokens_bt, pos, cache, self.comm, comm_state, prefill=True, logits_at=lengths_b - 1)
+        tokens_bt, pos, cache, self.comm, comm_state, prefill=True, logits_at=lengths_b - 1,
+        matmul=self.matmul)
     cache = cache._replace(lengths=lengths_b)
     return self._greedy(logits[:, 0]), logits[:, 0], cache, comm_state
 
   def _step(self, state, cache, comm_state, tokens_b):
     pos = cache.lengths[:, None]
     logits, cache, comm_state = self._model(state)(
-        tokens_b[:, None], pos, cache, self.comm, comm_state, prefill=False)
+        tokens_b[:, None], pos, cache, self.comm, comm_state, prefill=False, matmul=self.matmul)
     cache = cache._replace(lengths=cache.lengths + 1)
     return self._greedy(logits[:, 0]), logits[:, 0], cache, comm_state
 

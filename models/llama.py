@@ -22,6 +22,7 @@ from jax import lax
 from models.collectives import Comm
 from models.config import LlamaConfig
 from models.sharding import HeadLayout, rank_major
+from pallas_kernels import gemv
 
 
 class KVCache(NamedTuple):
@@ -63,11 +64,18 @@ def apply_rope(x: jax.Array, pos_bt: jax.Array, inv_freq: jax.Array) -> jax.Arra
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-def _dense(x, w):
-  """x (b, t, in) @ w.T for w stored (out, in): the contracted axis is the minor one, so a
-  batch-1 product that XLA strength-reduces to multiply + reduce is a fast row reduction
-  (docs/design.md, "Batch-1 matmuls")."""
+MATMULS = ("xla", "pallas")
+
+
+def _dense(x, w, matmul: str):
+  """x (b, t, in) @ w.T for w stored (out, in). `xla`: XLA's dot; the contracted axis is the
+  minor one, so a batch-1 product that XLA strength-reduces to multiply + reduce is a fast
+  row reduction (docs/design.md, "Batch-1 matmuls"). `pallas`: the decode GEMV kernel
+  (pallas_kernels/gemv.py) for decode-sized products, XLA's dot for the rest."""
   with jax.named_scope("matmul"):
+    if matmul == "pallas":
+      b, t, d = x.shape
+      return gemv.dense(x.reshape(b * t, d), w).reshape(b, t, -1)
     return jnp.einsum("btd,nd->btn", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
@@ -98,11 +106,11 @@ class Block(nnx.Module):
     self.head_dim = hd
     self.q_per_rank, self.kv_per_rank = heads.q_per_rank, heads.kv_per_rank
 
-  def attention(self, x_btd, pos_bt, k_bksh, v_bksh, inv_freq, prefill: bool):
+  def attention(self, x_btd, pos_bt, k_bksh, v_bksh, inv_freq, prefill: bool, matmul: str):
     """Returns the rank's o_proj partial (b, t, d) and the updated cache (b, k, s, h)."""
     b, t, _ = x_btd.shape
     hd, nq, nkv = self.head_dim, self.q_per_rank, self.kv_per_rank
-    qkv = _dense(x_btd, self.w_qkv[...])  # this rank's [q; k; v] heads
+    qkv = _dense(x_btd, self.w_qkv[...], matmul)  # this rank's [q; k; v] heads
     q = qkv[..., :nq * hd].reshape(b, t, nkv, nq // nkv, hd)
     k = qkv[..., nq * hd:(nq + nkv) * hd].reshape(b, t, nkv, hd)
     v = qkv[..., (nq + nkv) * hd:].reshape(b, t, nkv, hd)
@@ -125,12 +133,13 @@ class Block(nnx.Module):
       probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
       out = jnp.einsum("bkgts,bksh->btkgh", probs, values, preferred_element_type=jnp.float32)
       out = out.astype(x_btd.dtype).reshape(b, t, -1)
-    return _dense(out, self.w_o[...]), k_bksh, v_bksh
+    return _dense(out, self.w_o[...], matmul), k_bksh, v_bksh
 
-  def mlp(self, x_btd):
+  def mlp(self, x_btd, matmul: str):
     """Returns the rank's down_proj partial (b, t, d)."""
-    gate, up = jnp.split(_dense(x_btd, self.w_gate_up[...]), 2, axis=-1)  # this rank's halves
-    return _dense(jax.nn.silu(gate) * up, self.w_down[...])
+    gate_up = _dense(x_btd, self.w_gate_up[...], matmul)
+    gate, up = jnp.split(gate_up, 2, axis=-1)  # this rank's halves
+    return _dense(jax.nn.silu(gate) * up, self.w_down[...], matmul)
 
 
 class Llama(nnx.Module):
@@ -158,8 +167,9 @@ class Llama(nnx.Module):
     return jnp.einsum("btd,vd->btv", x_btd, w[...], preferred_element_type=jnp.float32)
 
   def __call__(self, tokens_bt, pos_bt, cache: KVCache, comm: Comm, comm_state: Any,
-               *, prefill: bool, logits_at: jax.Array | None = None):
-    """Runs the stack on (b, t) tokens at positions pos_bt.
+               *, prefill: bool, logits_at: jax.Array | None = None, matmul: str = "xla"):
+    """Runs the stack on (b, t) tokens at positions pos_bt; `matmul` picks how the layers'
+    projections run (MATMULS; the lm_head stays an XLA dot, in f32).
 
     Returns (logits, cache, comm_state). Logits are the rank's vocab slice, f32, at every
     position, or only at per-row indices `logits_at` (b,) giving (b, 1, v).
@@ -171,11 +181,12 @@ class Llama(nnx.Module):
     x, h, comm_state = comm.reduce_add_norm(partial, jnp.zeros_like(partial), norms[0], comm_state)
     new_k, new_v = [], []
     for i, blk in enumerate(layers):
-      partial, k, v = blk.attention(x, pos_bt, cache.k[i], cache.v[i], inv_freq, prefill)
+      partial, k, v = blk.attention(x, pos_bt, cache.k[i], cache.v[i], inv_freq, prefill,
+                                    matmul)
       new_k.append(k)
       new_v.append(v)
       x, h, comm_state = comm.reduce_add_norm(partial, h, blk.mlp_norm[...], comm_state)
-      x, h, comm_state = comm.reduce_add_norm(blk.mlp(x), h, norms[i + 1], comm_state)
+      x, h, comm_state = comm.reduce_add_norm(blk.mlp(x, matmul), h, norms[i + 1], comm_state)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     return self.logits(x), KVCache(tuple(new_k), tuple(new_v), cache.lengths), comm_state

@@ -273,7 +273,8 @@ class PrefillRuntime:
   def _store_key(self, bucket: int) -> str:
     d = self.decoder
     return self.store.key(kind="prefill", bucket=bucket, config=repr(d.config),
-                          mesh=repr(d.mesh), backend=d.comm.backend, max_len=d.max_len)
+                          mesh=repr(d.mesh), backend=d.comm.backend, matmul=d.matmul,
+                          max_len=d.max_len)
 
   def _compile(self, bucket: int) -> tuple[Any, float, float, str]:
     """(executable, lower s, compile or load s, source): from the store when it has the

@@ -61,7 +61,10 @@ def config_for(n: int, k: int, num_sms: int = 132) -> Config:
 
 
 def reference(x: jax.Array, w: jax.Array) -> jax.Array:
-  return jnp.einsum("bk,nk->bn", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  """XLA's product with the same f32 accumulation, in the 3-D form the model uses (XLA:CPU
+  has no bf16 x bf16 -> f32 dot for the 2-D form inside larger programs)."""
+  return jnp.einsum("btk,nk->btn", x[None], w,
+                    preferred_element_type=jnp.float32).astype(x.dtype)[0]
 
 
 def check(x: jax.Array, w: jax.Array, config: Config) -> None:
@@ -137,3 +140,20 @@ def gemv(x: jax.Array, w: jax.Array, config: Config = Config(), interpret=None) 
       kernel_name="gemv", interpret=interpret)
   partial = kernel(jnp.pad(x, ((0, ROWS - b), (0, 0))), w)
   return partial.sum(0)[:, :b].T.astype(x.dtype)
+
+
+def applies(m: int, n: int, k: int, dtype) -> bool:
+  """Whether `dense` runs the kernel for an (m, k) x (n, k) product of `dtype`."""
+  return (1 <= m <= ROWS and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+          and n % Config.tile_n == 0 and k % 32 == 0)
+
+
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x (m, k) @ w.T, w (n, k): the kernel on CUDA where it applies (decode-sized m, shapes that
+  tile), XLA's dot otherwise and off the GPU (same f32 accumulation, one rounding)."""
+  m, k = x.shape
+  n = w.shape[0]
+  if not applies(m, n, k, x.dtype) or w.dtype != x.dtype:
+    return reference(x, w)
+  config = config_for(n, k)
+  return lax.platform_dependent(x, w, cuda=lambda x, w: gemv(x, w, config), default=reference)

@@ -10,11 +10,11 @@ from models.sharding import make_mesh
 
 
 def decoder_from_weights(tmp_path, hf_config, weights, tp=1, dtype=jnp.float32, max_len=64,
-                         backend="xla"):
+                         backend="xla", matmul="xla"):
   directory = write_checkpoint(tmp_path / f"ckpt_tp{tp}", hf_config, weights)
   mesh = make_mesh(tp)
   config, graphdef, state = hf_loader.load(directory, mesh, dtype)
-  return Decoder(config, graphdef, state, mesh, backend=backend, max_len=max_len)
+  return Decoder(config, graphdef, state, mesh, backend=backend, max_len=max_len, matmul=matmul)
 
 
 def last_logits(decoder, prompts):

@@ -29,6 +29,7 @@ for step in "$@"; do
                         --min_bytes 131072 --max_bytes 1048576 --runs 30; done ;;
     matvec)         XLA_FLAGS="$TUNED" bench 300 bench_matvec --tps 1,2 --forms nd --gemms default,cublas,pallas ;;
     decode_gemm)    decode --backend xla --command_buffers while --gemm cublas --runs 4 ;;
+    decode_gemv)    decode --backend xla,fused --matmul xla,pallas --command_buffers while --runs 4 --loops jit ;;
     decode_dump)    TPS=2 decode --backend xla --command_buffers while --dump_dir /tmp/dump_w --runs 2 --loops jit ;;
     decode_while)   decode --backend xla,one_shot,fused --command_buffers while --runs 4 ;;
     decode_default) decode --backend xla,fused --command_buffers default --runs 4 ;;
