@@ -33,7 +33,7 @@ import time
 
 from absl import app, flags
 
-from experiments import records, xla_env
+from experiments import records, thresholds, xla_env
 
 _TP = flags.DEFINE_integer("tp", 2, "Ranks (first tp local GPUs).")
 _MIN = flags.DEFINE_integer("min_bytes", 4 << 10, "Smallest message per rank.")
@@ -47,7 +47,7 @@ _TOKENS = flags.DEFINE_list("tokens", ["1", "4", "16", "64", "128"], "add_norm: 
 _HIDDEN = flags.DEFINE_list("hidden", ["4096", "5120", "8192"], "add_norm: hidden sizes.")
 _STEP = flags.DEFINE_integer("size_step", 2, "Factor between consecutive message sizes.")
 _FROM = flags.DEFINE_string("thresholds_from", None, "An all_reduce record of this TP degree:"
-                            " auto uses the thresholds derived from it (derive_thresholds).")
+                            " auto uses the thresholds derived from it (experiments/thresholds.py).")
 _CUPTI = flags.DEFINE_bool("cupti", True, "Measure kernel times with CUPTI.")
 _FLAVOURS = flags.DEFINE_list("flavours", None, "Subset of the child flavours (default: all).")
 _IMPLS = flags.DEFINE_list("impls", None, "pallas flavour: subset of its implementations.")
@@ -73,30 +73,12 @@ def _sizes():
   return out
 
 
-def derive_thresholds(rows: list[dict], tp: int) -> tuple[int, int]:
-  """`auto`'s (one-shot, two-shot) limits from measured rows: one-shot up to the largest size
-  at which it is the fastest of one_shot, two_shot and psum (XLA default kernels, what auto
-  falls back to); two-shot from there up to the largest size at which it beats psum."""
-  loop = {}
-  for r in rows:
-    if r["op"] == "all_reduce" and r["tp"] == tp and r["loop_us"] and r["impl"] in ("one_shot", "two_shot",
-                                                                 "psum_default"):
-      loop.setdefault(r["bytes"], {})[r["impl"]] = r["loop_us"]
-  sizes = sorted(b for b, v in loop.items() if len(v) == 3)
-  if not sizes:
-    raise ValueError(f"no size with one_shot, two_shot and psum_default rows at tp={tp}")
-  one = max([b for b in sizes if loop[b]["one_shot"] <= min(loop[b].values())], default=0)
-  two = max([b for b in sizes if b > one and loop[b]["two_shot"] <= loop[b]["psum_default"]],
-            default=one)
-  return one, two
-
-
 def _apply_thresholds():
   """Sets all_reduce.THRESHOLDS[tp] from --thresholds_from; returns what auto uses."""
   from pallas_kernels import all_reduce
   if _FROM.value:
     rows = json.load(open(_FROM.value))["results"]
-    all_reduce.THRESHOLDS[_TP.value] = derive_thresholds(rows, _TP.value)
+    all_reduce.THRESHOLDS[_TP.value] = thresholds.derive(rows, _TP.value)
   return {"thresholds_from": _FROM.value,
           "thresholds": {str(k): list(v) for k, v in all_reduce.THRESHOLDS.items()}}
 

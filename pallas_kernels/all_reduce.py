@@ -30,7 +30,7 @@ MAX_TOKENS = 256
 MAX_HIDDEN = 16384
 
 # Largest message (bytes per rank) each kernel takes under `auto`, by TP degree.
-# TP=2: derived by experiments/bench_allreduce.derive_thresholds from the 2xH200 sweep
+# TP=2: derived by experiments/thresholds.derive from the 2xH200 sweep
 # experiments/results/allreduce/20261122T012716968907Z.json: one-shot is the fastest up to
 # 128 KiB (8.2-9.7 us per op against 14.6-16.6 us for psum), two-shot never beats it
 # there, and above 128 KiB the kernels were not measured (the sweep aborted at 256 KiB,

@@ -172,7 +172,7 @@ def test_auto_thresholds_pick_by_size(n):
 
 
 def test_thresholds_derived_from_measured_rows():
-  from experiments.bench_allreduce import derive_thresholds
+  from experiments.thresholds import derive
   us = {  # bytes -> (one_shot, two_shot, psum_default) loop µs
       8192: (8, 11, 15), 65536: (9, 11, 15), 262144: (14, 12, 15), 1 << 20: (30, 19, 20),
       4 << 20: (90, 45, 37)}
@@ -180,9 +180,9 @@ def test_thresholds_derived_from_measured_rows():
           for b, vals in us.items() for impl, v in zip(("one_shot", "two_shot", "psum_default"), vals)]
   rows.append({"op": "all_reduce", "tp": 2, "impl": "psum_default", "bytes": 8 << 20,
                "loop_us": None})  # a failed case is ignored
-  assert derive_thresholds(rows, 2) == (65536, 1 << 20)
+  assert derive(rows, 2) == (65536, 1 << 20)
   with pytest.raises(ValueError, match="no size with one_shot, two_shot and psum_default"):
-    derive_thresholds(rows, 4)
+    derive(rows, 4)
 
 
 def test_workspace_copies_found_in_optimized_hlo():
