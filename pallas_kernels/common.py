@@ -57,16 +57,16 @@ def flatten_padded(x: jax.Array, ws: Workspace, n: int, quantum: int) -> jax.Arr
   return jnp.pad(flat, (0, size - x.size)) if size != x.size else flat
 
 
-def call_epoch(epoch_ref, epoch_out_ref, block) -> tuple[jax.Array, jax.Array]:
-  """In a kernel body: (e, slot parity) of this call from the previous epoch; block 0 writes
-  e to the epoch output, so the increment costs no separate XLA kernel before the call."""
+def advance_epoch(epoch_ref, epoch_out_ref, block) -> jax.Array:
+  """In a kernel body: this call's epoch e is the previous one + 1; block 0 writes it to the
+  epoch output (no separate XLA kernel before the call). Returns e's slot parity."""
   e = epoch_ref[0] + 1
 
   @pl.when(block == 0)
   def _():
     epoch_out_ref[0] = e
 
-  return e, lax.rem(e, 2)
+  return lax.rem(e, 2)
 
 
 def launch(x: jax.Array, ws: Workspace, n: int, *, pad_to: int, chunks, make_body,

@@ -77,7 +77,7 @@ def _body(n: int, axis: str, hidden: int, width: int, eps: float, tiling):
            out_ref, new_res_ref, slots_ref, flags_ref, epoch_out):
     me = lax.axis_index(axis)
     b = lax.axis_index("blocks")
-    _, s = common.call_epoch(epoch_ref, epoch_out, b)
+    s = common.advance_epoch(epoch_ref, epoch_out, b)
     group, cb = b // col_blocks, lax.rem(b, col_blocks)
     first, first_tile = group * rows, cb * own
 

@@ -29,7 +29,7 @@ def _body(n: int, axis: str, chunk: int, steps: int):
   def body(x_ref, epoch_ref, _slots_in, _flags_in, y_ref, slots_ref, flags_ref, epoch_out):
     me = lax.axis_index(axis)
     b = lax.axis_index("blocks")
-    _, s = common.call_epoch(epoch_ref, epoch_out, b)  # s: slot parity of this call
+    s = common.advance_epoch(epoch_ref, epoch_out, b)  # slot parity of this call
     base = b * steps * chunk
 
     @pl.loop(0, steps)

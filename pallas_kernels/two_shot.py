@@ -28,7 +28,7 @@ def _body(n: int, axis: str, chunk: int, steps: int, part: int):
   def body(x_ref, epoch_ref, _slots_in, _flags_in, y_ref, slots_ref, flags_ref, epoch_out):
     me = lax.axis_index(axis)
     b = lax.axis_index("blocks")
-    _, s = common.call_epoch(epoch_ref, epoch_out, b)
+    s = common.advance_epoch(epoch_ref, epoch_out, b)
     base = b * steps * chunk  # this block's range inside every part
     mine = [plgpu.remote_ref(flags_ref.at[b, s, pl.ds(me, 1)], lax.rem(me + k, n))
             for k in range(n)]
