@@ -7,7 +7,9 @@ per-rank program of models/llama.py with explicit collectives. Two generation lo
   that stops at EOS or the token budget. XLA can lower it into one command buffer with a
   device-side WHILE node (`--xla_gpu_enable_command_buffer=+WHILE`), so per-executable host
   costs are paid once per generation instead of once per token.
-- `python`: a Python loop over one jitted, cache-donating decode step.
+- `python`: a Python loop over one jitted, cache-donating decode step. Each step's tokens
+  feed the next on the device and reach the host one step behind (the EOS check lags one
+  step), so the host's work for step i+1 overlaps the GPU's for step i, as in a server.
 
 Both produce the same greedy tokens.
 """
@@ -239,17 +241,26 @@ class Decoder:
       steps_s = [(time.perf_counter() - t0) / max(n, 1)] * n
     elif loop == "python":
       eos = self.config.eos_token_id
-      done, tok = tokens[0] == eos, first
+      done, tok, pending = tokens[0] == eos, first, None
+
+      def receive(t):  # a step's tokens on the host, EOS after each row's end
+        nonlocal done
+        nxt = np.where(done, eos, np.asarray(t))
+        done = done | (nxt == eos)
+        tokens.append(nxt)
+
       for _ in range(max_new_tokens - 1):
         if stop_at_eos and done.all():
           break
         t0 = time.perf_counter()
         tok, _, cache, comm = self.step_fn(self.state, cache, comm, tok)
-        nxt = np.where(done, eos, np.asarray(tok))
+        tok.copy_to_host_async()
+        if pending is not None:
+          receive(pending)
+        pending = tok
         steps_s.append(time.perf_counter() - t0)
-        done |= nxt == eos
-        tokens.append(nxt)
-        tok = jnp.asarray(nxt)
+      if pending is not None:
+        receive(pending)
     out = np.full((len(prompts), max_new_tokens), self.config.eos_token_id, np.int32)
     out[:, :len(tokens)] = np.stack(tokens, axis=1)[:, :max_new_tokens]
     return Generation(out, prefill_s, steps_s)

@@ -80,3 +80,20 @@ def test_no_recompilation_per_step_or_length_within_a_bucket(tmp_path):
       tok, _, cache, comm = decoder.step_fn(decoder.state, cache, comm, tok)
   assert decoder.prefill_fn._cache_size() == 1
   assert decoder.step_fn._cache_size() == 1
+
+
+def test_both_loops_stop_each_row_at_eos(tmp_path):
+  """Rows are EOS-filled after their first EOS; the loop ends once every row has; the jit
+  loop and the python loop (which reads tokens one step behind) agree."""
+  config = CONFIGS["gqa"]
+  weights = random_weights(config, seed=5)
+  prompts = [[5, 9, 11], [7, 3, 8, 20], [60]]
+  for eos, rows, stops_early in ((2, [1, 2], True), (55, [0, 1, 2], False)):
+    decoder = decoder_from_weights(tmp_path / str(eos), {**config, "eos_token_id": eos}, weights)
+    batch = [prompts[r] for r in rows]
+    ref = decoder.generate(batch, 12, stop_at_eos=False).tokens
+    assert (ref == eos).any(axis=1).all() == stops_early
+    for loop in ("jit", "python"):
+      gen = decoder.generate(batch, 12, loop=loop)
+      np.testing.assert_array_equal(gen.tokens, ref, err_msg=f"eos={eos} loop={loop}")
+      assert (len(gen.steps_s) < 11) == stops_early, (eos, loop, len(gen.steps_s))
