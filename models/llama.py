@@ -161,15 +161,18 @@ class Llama(nnx.Module):
     rows = jnp.take(table, jnp.where(mine, local, 0), axis=0)
     return jnp.where(mine[..., None], rows, jnp.zeros_like(rows))
 
-  def logits(self, x_btd: jax.Array) -> jax.Array:
+  def logits(self, x_btd: jax.Array, matmul: str = "xla") -> jax.Array:
     """The rank's vocab slice of the logits, in f32."""
-    w = self.embed if self.lm_head is None else self.lm_head
-    return jnp.einsum("btd,vd->btv", x_btd, w[...], preferred_element_type=jnp.float32)
+    w = (self.embed if self.lm_head is None else self.lm_head)[...]
+    if matmul == "pallas":
+      b, t, d = x_btd.shape
+      return gemv.dense(x_btd.reshape(b * t, d), w, out_dtype=jnp.float32).reshape(b, t, -1)
+    return jnp.einsum("btd,vd->btv", x_btd, w, preferred_element_type=jnp.float32)
 
   def __call__(self, tokens_bt, pos_bt, cache: KVCache, comm: Comm, comm_state: Any,
                *, prefill: bool, logits_at: jax.Array | None = None, matmul: str = "xla"):
-    """Runs the stack on (b, t) tokens at positions pos_bt; `matmul` picks how the layers'
-    projections run (MATMULS; the lm_head stays an XLA dot, in f32).
+    """Runs the stack on (b, t) tokens at positions pos_bt; `matmul` picks how the
+    projections run (MATMULS), the lm_head's with f32 output.
 
     Returns (logits, cache, comm_state). Logits are the rank's vocab slice, f32, at every
     position, or only at per-row indices `logits_at` (b,) giving (b, 1, v).
@@ -189,4 +192,5 @@ class Llama(nnx.Module):
       x, h, comm_state = comm.reduce_add_norm(blk.mlp(x, matmul), h, norms[i + 1], comm_state)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
-    return self.logits(x), KVCache(tuple(new_k), tuple(new_v), cache.lengths), comm_state
+    return (self.logits(x, matmul), KVCache(tuple(new_k), tuple(new_v), cache.lengths),
+            comm_state)

@@ -10,6 +10,7 @@ as wgmma's A operand (M = weight rows) and the activation as the transposed B op
 A K split spreads small matrices over more SMs; its f32 partial sums are added in XLA.
 
     y = gemv(x, w)          # x (b, k) bf16 with b <= 16, w (n, k) bf16 -> y (b, n) bf16
+    z = gemv(x, w, out_dtype=jnp.float32)   # f32 result (logits)
 
 `reference` is the XLA product with the same f32 accumulation.
 """
@@ -60,11 +61,11 @@ def config_for(n: int, k: int, num_sms: int = 132) -> Config:
   return best
 
 
-def reference(x: jax.Array, w: jax.Array) -> jax.Array:
+def reference(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
   """XLA's product with the same f32 accumulation, in the 3-D form the model uses (XLA:CPU
   has no bf16 x bf16 -> f32 dot for the 2-D form inside larger programs)."""
   return jnp.einsum("btk,nk->btn", x[None], w,
-                    preferred_element_type=jnp.float32).astype(x.dtype)[0]
+                    preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)[0]
 
 
 def check(x: jax.Array, w: jax.Array, config: Config) -> None:
@@ -90,9 +91,11 @@ def _transforms(cols: int, dtype) -> tuple:
   return plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)
 
 
-def gemv(x: jax.Array, w: jax.Array, config: Config = Config(), interpret=None) -> jax.Array:
-  """x @ w.T for x (b, k), w (n, k), both bf16, b <= 16; f32 accumulation, bf16 result.
-  `interpret` (plgpu.InterpretGPUParams()) runs the kernel on the CPU, for tests."""
+def gemv(x: jax.Array, w: jax.Array, config: Config = Config(), interpret=None,
+         out_dtype=None) -> jax.Array:
+  """x @ w.T for x (b, k), w (n, k), both bf16, b <= 16; f32 accumulation, rounded once to
+  `out_dtype` (default x's). `interpret` (plgpu.InterpretGPUParams()) runs the kernel on the
+  CPU, for tests."""
   check(x, w, config)
   b, k = x.shape
   n = w.shape[0]
@@ -139,7 +142,7 @@ def gemv(x: jax.Array, w: jax.Array, config: Config = Config(), interpret=None) 
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       kernel_name="gemv", interpret=interpret)
   partial = kernel(jnp.pad(x, ((0, ROWS - b), (0, 0))), w)
-  return partial.sum(0)[:, :b].T.astype(x.dtype)
+  return partial.sum(0)[:, :b].T.astype(out_dtype or x.dtype)
 
 
 def applies(m: int, n: int, k: int, dtype) -> bool:
@@ -148,12 +151,14 @@ def applies(m: int, n: int, k: int, dtype) -> bool:
           and n % Config.tile_n == 0 and k % 32 == 0)
 
 
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
   """x (m, k) @ w.T, w (n, k): the kernel on CUDA where it applies (decode-sized m, shapes that
   tile), XLA's dot otherwise and off the GPU (same f32 accumulation, one rounding)."""
   m, k = x.shape
   n = w.shape[0]
+  xla = functools.partial(reference, out_dtype=out_dtype)
   if not applies(m, n, k, x.dtype) or w.dtype != x.dtype:
-    return reference(x, w)
+    return xla(x, w)
   config = config_for(n, k)
-  return lax.platform_dependent(x, w, cuda=lambda x, w: gemv(x, w, config), default=reference)
+  kernel = functools.partial(gemv, config=config, out_dtype=out_dtype)
+  return lax.platform_dependent(x, w, cuda=kernel, default=xla)

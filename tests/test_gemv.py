@@ -39,6 +39,14 @@ def test_matches_reference_in_interpret_mode(b, n, k, config):
                              rtol=1e-2, atol=1e-1)
 
 
+def test_f32_output_in_interpret_mode():
+  x, w = _operands(2, 128, 256)
+  got = gemv.gemv(x, w, out_dtype=jnp.float32, interpret=plgpu.InterpretGPUParams())
+  ref = gemv.reference(x, w, out_dtype=jnp.float32)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-4)
+
+
 def _projection_shapes(model, tp):
   """(n, k) of every per-rank weight of `model` at TP degree `tp`, as models/llama.py stores
   them: fused q/k/v and gate/up, o_proj, down_proj and the vocab-parallel lm_head."""
@@ -107,7 +115,7 @@ def test_decode_loop_lowers_with_a_gemv_per_projection(tmp_path):
   text = lowering_checks.lower_for_cuda(dec.loop_fn(4, False), dec.state, cache, comm,
                                         jnp.zeros((2,), jnp.int32))
   calls = lowering_checks.mosaic_calls(text)
-  assert len(calls) == 4  # qkv, o, gate_up, down: one lowered kernel each, shared by the layers
+  assert len(calls) == 5  # qkv, o, gate_up, down (shared by the layers) and the lm_head
   assert all("gemv" in c for c in calls)
   assert lowering_checks.multicast_uses(text) == []
 
