@@ -47,6 +47,9 @@ POLICIES = ("naive", "pad_max", "buckets", "hybrid")
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Preset (models/config.py).")
 _TP = flags.DEFINE_integer("tp", 1, "Tensor-parallel degree.")
 _REQUESTS = flags.DEFINE_integer("requests", 210, "Requests in the workload (>= 200 to record).")
+_NAIVE_REQUESTS = flags.DEFINE_integer(
+    "naive_requests", None, "Serve only the workload's first N requests under `naive` (a 7B model"
+    " compiles for seconds per new length: ~100 lengths outlast a GPU call); recorded.")
 _POLICIES = flags.DEFINE_list("policies", list(POLICIES), f"Subset of {POLICIES}.")
 _BUCKETS = flags.DEFINE_list("buckets", [], "Bucket lengths (default: default_buckets(max_len)).")
 _SEED = flags.DEFINE_integer("seed", 0, "Workload seed (lengths and token ids).")
@@ -89,7 +92,8 @@ def _serve(job: dict) -> dict:
     prefill_runtime.enable_persistent_cache(job["cache_dir"])  # before anything compiles
   decoder = _decoder(job)
   rng = np.random.default_rng(job["seed"])
-  prompts = [rng.integers(3, decoder.config.vocab_size, n).tolist() for n in job["lengths"]]
+  lengths = job["lengths"][:job["naive_requests"]] if job["policy"] == "naive" else job["lengths"]
+  prompts = [rng.integers(3, decoder.config.vocab_size, n).tolist() for n in lengths]
   buckets = {"naive": range(1, job["max_len"] + 1), "pad_max": (job["max_len"],)}.get(
       job["policy"], job["buckets"])
   cache, comm = decoder.new_cache(1), decoder.new_comm_state(1)
@@ -257,7 +261,8 @@ def main(argv):
                          " cold")
   lengths = workload(_REQUESTS.value, _SEED.value)
   job = {"model": _MODEL.value, "tp": _TP.value, "max_len": max_len, "seed": _SEED.value,
-         "lengths": lengths, "buckets": buckets, "cache_dir": str(cache_dir)}
+         "lengths": lengths, "buckets": buckets, "cache_dir": str(cache_dir),
+         "naive_requests": _NAIVE_REQUESTS.value}
   xla_flags = xla_env.apply(_CB.value)  # inherited by the policies' processes
   print(f"{len(lengths)} requests, buckets {list(buckets)}, persistent cache {cache_dir}",
         flush=True)
@@ -292,7 +297,8 @@ def main(argv):
   if _RECORD.value:
     config = {"model": _MODEL.value, "tp": _TP.value, "requests": len(lengths),
               "seed": _SEED.value, "max_len": max_len, "buckets": ",".join(map(str, buckets)),
-              "policies": ",".join(policies), "grid": ",".join(map(str, GRID)),
+              "policies": ",".join(policies), "naive_requests": _NAIVE_REQUESTS.value,
+              "grid": ",".join(map(str, GRID)),
               "dtype": "bfloat16", "batch": 1, "command_buffers": _CB.value,
               "xla_flags_set": xla_flags, "cpu_count": os.cpu_count()}
     # Load averages show whether anything else shared the CPU while this ran.
