@@ -9,7 +9,9 @@
   system-scope release fence and a strong store of the epoch into its flag on every peer;
   it then spins on strong system-scope loads of its own flags until every peer's flag
   reached the epoch, and issues an acquire fence. Flags only grow, so nothing is ever
-  reset and no memset or cross-GPU barrier kernel is needed (docs/allreduce.md).
+  reset and no memset or cross-GPU barrier kernel is needed (docs/allreduce.md). A flag
+  that never arrives traps after SPIN_LIMIT polls, so a protocol error fails the call
+  instead of hanging the GPU.
 
 No NVLink multicast is used anywhere: only plain peer stores and loads.
 """
@@ -27,6 +29,10 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm, memref, scf
 
 _utils = mgpu.utils
+# Polls of one flag before a kernel gives up and traps: about a minute of system-scope loads
+# (~0.5 us each), far beyond any skew between the ranks' launches (XLA's own cross-device
+# rendezvous gives up after 30 s), far below "forever".
+SPIN_LIMIT = 1 << 27
 
 
 def aliased_kernel(body: Callable[..., None], out_types: Sequence[jax.ShapeDtypeStruct], *,
@@ -87,15 +93,24 @@ def epoch_flag_exchange(num_ranks: int, waits: int = 1, phase: int = 0):
       for ref in flag_on_peer:
         _utils.inline_ptx("st.relaxed.sys.global.b32 [$0], $1;", _element_ptr(ref, 0), epoch,
                           has_side_effects=True)
+      limit = _utils.c(SPIN_LIMIT, i32)
       for row in my_flags:
         for p in range(num_ranks):  # acquire: wait until rank p published this epoch
-          spin = scf.WhileOp([], [])
-          with ir.InsertionPoint(spin.before.blocks.append()):
+          spin = scf.WhileOp([i32], [_utils.c(0, i32)])
+          before = spin.before.blocks.append(i32)
+          with ir.InsertionPoint(before):
             seen = _utils.inline_ptx("ld.relaxed.sys.global.b32 $0, [$1];", _element_ptr(row, p),
                                      result_types=i32, has_side_effects=True)
-            scf.condition(arith.cmpi(arith.CmpIPredicate.ult, seen, epoch), [])
-          with ir.InsertionPoint(spin.after.blocks.append()):
-            scf.yield_([])
+            waiting = arith.cmpi(arith.CmpIPredicate.ult, seen, epoch)
+            polls = before.arguments[0]
+            patient = arith.cmpi(arith.CmpIPredicate.ult, polls, limit)
+            scf.condition(arith.andi(waiting, patient), [polls])
+          after = spin.after.blocks.append(i32)
+          with ir.InsertionPoint(after):
+            scf.yield_([arith.addi(after.arguments[0], _utils.c(1, i32))])
+          # A flag that never came (a broken protocol) traps: an error, not a hung GPU.
+          lost = arith.cmpi(arith.CmpIPredicate.uge, spin.results[0], limit)
+          _utils.inline_ptx("trap;", predicate=lost, has_side_effects=True)
       _utils.inline_ptx("fence.acq_rel.sys;", has_side_effects=True)
     _utils.warpgroup_barrier()
 
