@@ -25,7 +25,7 @@ from experiments import records, xla_env
 
 _MODEL = flags.DEFINE_string("model", "llama2-7b", "Preset (models/config.py); random weights.")
 _TPS = flags.DEFINE_list("tp", ["1"], "Tensor-parallel degrees.")
-_BATCH = flags.DEFINE_integer("batch", 1, "Sequences decoded together.")
+_BATCHES = flags.DEFINE_list("batch", ["1"], "Batch sizes (sequences decoded together).")
 _PROMPT = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per sequence.")
 _GEN = flags.DEFINE_integer("gen_len", 256, "Generated tokens per sequence.")
 _BACKENDS = flags.DEFINE_list("backend", ["xla"], "All-reduce backends (models/collectives.py).")
@@ -81,55 +81,48 @@ def main(argv):
     weight_bytes = config.weight_bytes / tp
     floor_ms = weight_bytes / (copy_gbps * 1e9) * 1e3
     log(f"tp={tp}: weights ready; HBM floor {floor_ms:.3f} ms per token")
-    prompts = np.random.default_rng(0).integers(3, config.vocab_size,
-                                                (_BATCH.value, _PROMPT.value)).tolist()
     for backend, matmul in [(b, m) for b in _BACKENDS.value for m in _MATMULS.value]:
       if tp == 1 and backend != "xla":
         log(f"tp=1: skipping {backend} (no communication at TP=1: it runs as xla)")
         continue
       decoder = Decoder(config, graphdef, state, mesh, backend=backend, max_len=max_len,
                         matmul=matmul)
-      for loop in _LOOPS.value:
-        decoder.generate(prompts, _GEN.value, loop=loop, stop_at_eos=False)  # compile, warm up
-        samples, ttft = [], []
-        for _ in range(_RUNS.value):
-          gen = decoder.generate(prompts, _GEN.value, loop=loop, stop_at_eos=False)
-          ttft.append(gen.prefill_s * 1e3)
-          s = np.array(gen.steps_s) * 1e3
-          samples.extend(s if loop == "python" else s[:1])
-        stats = records.summarize(samples, "tpot_ms_")
-        med = stats["tpot_ms_median"]
-        rows.append({
-            "model": _MODEL.value, "tp": tp, "batch": _BATCH.value, "backend": backend,
-            "loop": loop, "command_buffers": _CB.value, "xla_collectives": _COLL.value,
-            "gemm": _GEMM.value, "matmul": matmul, **stats,
-            "tokens_per_s": _BATCH.value * 1e3 / med,
-            "weight_gbps_per_device": weight_bytes / (med * 1e-3) / 1e9,
-            "hbm_copy_gbps": copy_gbps, "hbm_floor_ms": floor_ms, "floor_fraction": floor_ms / med,
-            "ttft_ms_median": float(np.median(ttft)),
-            "samples": "per step" if loop == "python" else f"per run of {steps} steps"})
-        # Every configuration must decode the tokens of the first one at its TP degree.
-        first = tokens.setdefault(tp, gen.tokens)
-        rows[-1]["tokens_match_first"] = bool((gen.tokens == first).all())
-        log(f"tp={tp} {backend:8s} {matmul:6s} {loop:6s} TPOT median {med:.3f} ms  P90 "
-            f"{stats['tpot_ms_p90']:.3f}  P99 {stats['tpot_ms_p99']:.3f}  ({floor_ms / med:.0%} of floor)"
-            f"{'' if rows[-1]['tokens_match_first'] else '  TOKENS DIFFER from the first config'}")
-      if _PROFILE.value and "jit" in _LOOPS.value:
-        split, top = _profile(decoder, prompts, steps, profiling)
-        jit_row = next(r for r in rows if (r["tp"], r["backend"], r["matmul"], r["loop"])
-                       == (tp, backend, matmul, "jit"))
-        tpot_us = jit_row["tpot_ms_median"] * 1e3
-        for row in rows:
-          if (row["tp"], row["backend"], row["matmul"]) == (tp, backend, matmul):
+      for batch in map(int, _BATCHES.value):
+        prompts = np.random.default_rng(0).integers(3, config.vocab_size,
+                                                    (batch, _PROMPT.value)).tolist()
+        key = {"model": _MODEL.value, "tp": tp, "batch": batch, "backend": backend,
+               "matmul": matmul}
+        for loop in _LOOPS.value:
+          stats, ttft_ms, gen_tokens = _time(decoder, prompts, loop)
+          med = stats["tpot_ms_median"]
+          # Every configuration must decode the tokens of the first one at its TP and batch.
+          same = bool((gen_tokens == tokens.setdefault((tp, batch), gen_tokens)).all())
+          rows.append({
+              **key, "loop": loop, "command_buffers": _CB.value, "xla_collectives": _COLL.value,
+              "gemm": _GEMM.value, **stats, "tokens_per_s": batch * 1e3 / med,
+              "weight_gbps_per_device": weight_bytes / (med * 1e-3) / 1e9,
+              "hbm_copy_gbps": copy_gbps, "hbm_floor_ms": floor_ms,
+              "floor_fraction": floor_ms / med, "ttft_ms_median": ttft_ms,
+              "samples": "per step" if loop == "python" else f"per run of {steps} steps",
+              "tokens_match_first": same})
+          log(f"tp={tp} b={batch} {backend:8s} {matmul:6s} {loop:6s} TPOT median {med:.3f} ms"
+              f"  P90 {stats['tpot_ms_p90']:.3f}  P99 {stats['tpot_ms_p99']:.3f}"
+              f"  ({floor_ms / med:.0%} of floor)"
+              f"{'' if same else '  TOKENS DIFFER from the first config'}")
+        if _PROFILE.value and "jit" in _LOOPS.value:
+          split, top = _profile(decoder, prompts, steps, profiling)
+          mine = [r for r in rows if all(r[k] == v for k, v in key.items())]
+          tpot_us = next(r for r in mine if r["loop"] == "jit")["tpot_ms_median"] * 1e3
+          for row in mine:
             row.update(split)
             row["all_reduce_share_of_tpot"] = split.get("gpu_all_reduce_us", 0.0) / tpot_us
-        extra["profiles"][f"tp{tp}_{backend}_{matmul}"] = top
-        log(f"profile per step (µs): { {k: round(v, 1) for k, v in split.items()} }")
+          extra["profiles"][f"tp{tp}_b{batch}_{backend}_{matmul}"] = top
+          log(f"profile per step (µs): { {k: round(v, 1) for k, v in split.items()} }")
     del state, graphdef
   if _DUMP.value:
     extra["command_buffers_in_dump"] = _command_buffer_evidence(_DUMP.value)
     log(f"thunk sequence evidence: {extra['command_buffers_in_dump']}")
-  config_rec = {"model": _MODEL.value, "tp": _TPS.value, "batch": _BATCH.value,
+  config_rec = {"model": _MODEL.value, "tp": _TPS.value, "batch": _BATCHES.value,
                 "prompt_len": _PROMPT.value, "gen_len": _GEN.value, "max_len": max_len,
                 "backends": _BACKENDS.value, "matmuls": _MATMULS.value,
                 "command_buffers": _CB.value,
@@ -137,6 +130,21 @@ def main(argv):
                 "dtype": "bfloat16",
                 "weights": "random", "xla_flags_set": flags_str}
   print(f"record: {records.write('decode', config_rec, rows, extra=extra)}")
+
+
+def _time(decoder, prompts, loop: str):
+  """One warm-up generation (compiles), then --runs timed ones: (TPOT stats in ms, median
+  TTFT in ms, the tokens). Python-loop samples are per step; jit-loop samples per run."""
+  import numpy as np
+
+  decoder.generate(prompts, _GEN.value, loop=loop, stop_at_eos=False)
+  samples, ttft = [], []
+  for _ in range(_RUNS.value):
+    gen = decoder.generate(prompts, _GEN.value, loop=loop, stop_at_eos=False)
+    ttft.append(gen.prefill_s * 1e3)
+    steps_ms = np.array(gen.steps_s) * 1e3
+    samples.extend(steps_ms if loop == "python" else steps_ms[:1])
+  return records.summarize(samples, "tpot_ms_"), float(np.median(ttft)), gen.tokens
 
 
 def _profile(decoder, prompts, steps, profiling):

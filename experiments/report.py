@@ -85,8 +85,8 @@ def _matvec_section(rows):
 
 
 def _decode_section(rows):
-  cols = ["tp", "backend", "matmul", "loop", "command_buffers", "xla_collectives", "gemm",
-          "tpot_ms_median",
+  cols = ["tp", "batch", "backend", "matmul", "loop", "command_buffers", "xla_collectives",
+          "gemm", "tpot_ms_median",
           "tpot_ms_p90", "tpot_ms_p99", "tokens_per_s", "weight_gbps_per_device",
           "hbm_copy_gbps", "floor_fraction", "gpu_all_reduce_us", "all_reduce_share_of_tpot",
           "git_sha", "path"]

@@ -10,7 +10,8 @@ export TPDECODE_GIT_SHA=${TPDECODE_GIT_SHA:-unknown}
 # bench_ttft, whose cold starts must autotune like any first start.
 TUNED="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune"
 bench() { timeout "$1" python3 -m "experiments.$2" "${@:3}" 2>&1 | grep -v "^I1\|^W1" | tee -a $OUT/full.log | tail -40; }
-decode() { XLA_FLAGS="$TUNED" bench 280 bench_decode --model "${MODEL:-llama2-7b}" --tp "${TPS:-1,2}" "$@"; }
+decode() { XLA_FLAGS="$TUNED" bench 280 bench_decode --model "${MODEL:-llama2-7b}" --tp "${TPS:-1,2}" \
+             --batch "${BATCH:-1}" "$@"; }
 for step in "$@"; do
   echo "=== $step"
   case $step in
