@@ -78,7 +78,7 @@ def init_workspace(mesh, axis, example):
   b, _, d = example.shape
   n = mesh.shape[axis]
   capacity = max(all_reduce.workspace_capacity(b, d, example.dtype, n),
-                 b * fused_add_norm.padded_hidden(d)[0])
+                 b * fused_add_norm.padded_hidden(d))
   return workspace.init(mesh, axis, capacity, example.dtype)
 
 

@@ -37,10 +37,10 @@ VECTOR = 8 * common.THREADS  # bf16 elements in one 16-byte vector per thread
 CONFIG = common.Config(max_blocks=MAX_BLOCKS)  # grid() reads max_blocks only
 
 
-def padded_hidden(hidden: int) -> tuple[int, int]:
-  """(padded hidden, tile): rows pad to whole VECTOR-column tiles with zeros, which leave
-  sums of squares unchanged (the mean divides by the true hidden)."""
-  return -(-hidden // VECTOR) * VECTOR, VECTOR
+def padded_hidden(hidden: int) -> int:
+  """Rows pad to whole VECTOR-column tiles with zeros, which leave sums of squares unchanged
+  (the mean divides by the true hidden)."""
+  return -(-hidden // VECTOR) * VECTOR
 
 
 def grid(tokens: int, width: int, config: common.Config) -> tuple[int, int, int, int]:
@@ -56,7 +56,7 @@ def grid(tokens: int, width: int, config: common.Config) -> tuple[int, int, int,
 
 def fits(tokens: int, hidden: int, ws: Workspace) -> bool:
   """Whether a (tokens, hidden) message fits the workspace once its rows are padded."""
-  return tokens * padded_hidden(hidden)[0] <= ws.slots.shape[-1]
+  return tokens * padded_hidden(hidden) <= ws.slots.shape[-1]
 
 
 def reference(partial, residual, weight, axis: str, eps: float):
@@ -128,7 +128,7 @@ def _kernel_call(partial, residual, weight, ws: Workspace, axis: str, eps: float
                  config: common.Config):
   n = lax.axis_size(axis)
   tokens, hidden = partial.shape
-  width, _ = padded_hidden(hidden)
+  width = padded_hidden(hidden)
   if not fits(tokens, hidden, ws) or ws.slots.dtype != partial.dtype:
     raise ValueError(f"workspace slots {ws.slots.shape} {ws.slots.dtype} cannot carry a"
                      f" ({tokens}, {width}) {partial.dtype} message")

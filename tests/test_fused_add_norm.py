@@ -28,7 +28,7 @@ def _fn(mesh, eps=1e-5):
 
 
 def _ws(mesh, n, tokens, hidden, dtype, abstract=False):
-  cap = tokens * fused_add_norm.padded_hidden(hidden)[0]
+  cap = tokens * fused_add_norm.padded_hidden(hidden)
   if abstract:
     return workspace.Workspace(jax.ShapeDtypeStruct((n * 2, n, cap), dtype),
                                jax.ShapeDtypeStruct((n * workspace.MAX_BLOCKS, 2, n), jnp.int32),
@@ -86,7 +86,7 @@ def test_bad_input(residual_shape, weight_shape, message):
     (128, 4096, (8, 16, 4, 1)), (5, 576, (5, 1, 1, 1)), (1, 16384, (1, 1, 16, 1)),
     (256, 16384, (2, 128, 16, 1))])
 def test_grid_spreads_a_row_over_column_blocks(tokens, hidden, expected):
-  width, _ = fused_add_norm.padded_hidden(hidden)
+  width = fused_add_norm.padded_hidden(hidden)
   got = fused_add_norm.grid(tokens, width, fused_add_norm.CONFIG)
   assert got == expected
   row_groups, rows, col_blocks, own = got

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.gpu(count=2)
 def _build(n, tokens, hidden, steps=None):
   mesh = make_mesh(n)
   spec = workspace.spec("tp")
-  ws = workspace.init(mesh, "tp", tokens * fused_add_norm.padded_hidden(hidden)[0], jnp.bfloat16)
+  ws = workspace.init(mesh, "tp", tokens * fused_add_norm.padded_hidden(hidden), jnp.bfloat16)
 
   def once(p, r, w, ws):
     out, new_res, ws = fused_add_norm.all_reduce_add_norm(p, r, w, ws, "tp", 1e-5)
