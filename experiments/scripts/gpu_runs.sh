@@ -15,7 +15,7 @@ decode() { XLA_FLAGS="$TUNED" bench 280 bench_decode --model "${MODEL:-llama2-7b
 for step in "$@"; do
   echo "=== $step"
   case $step in
-    tests)          TEST_TIMEOUT=300 bash experiments/scripts/gpu_tests.sh -m gpu tests ;;
+    tests)          TEST_TIMEOUT=420 bash experiments/scripts/gpu_tests.sh -m gpu tests ;;
     smoke)          timeout 170 python3 experiments/scripts/allreduce_smoke.py 2>&1 | grep -v "^I1\|^W1" ;;
     sanitize)       bash experiments/scripts/sanitize.sh ;;
     tune)           bench 200 bench_allreduce --tp "${TP:-2}" --flavours pallas --impls one_shot,two_shot \
