@@ -40,6 +40,8 @@ _GEMM = flags.DEFINE_enum("gemm", "default", list(xla_env.GEMMS),
                           "How XLA emits the matmuls: autotuned Triton fusions or cuBLAS.")
 _RUNS = flags.DEFINE_integer("runs", 8, "Timed generations per loop (after one warm-up).")
 _PROFILE = flags.DEFINE_bool("profile", False, "Trace the jit loop and break GPU time down.")
+_CUPTI = flags.DEFINE_bool("cupti", False, "Sum the jit loop's kernel time with CUPTI, command"
+                           " buffers on (kernels inside graphs count): GPU busy time per step.")
 _DUMP = flags.DEFINE_string("dump_dir", None, "XLA dump directory (checks the WHILE graph).")
 
 
@@ -109,6 +111,14 @@ def main(argv):
               f"  P90 {stats['tpot_ms_p90']:.3f}  P99 {stats['tpot_ms_p99']:.3f}"
               f"  ({floor_ms / med:.0%} of floor)"
               f"{'' if same else '  TOKENS DIFFER from the first config'}")
+        if _CUPTI.value and "jit" in _LOOPS.value:
+          busy = _kernel_time(decoder, prompts, steps, tp)
+          for row in rows:
+            if all(row[k] == v for k, v in key.items()) and row["loop"] == "jit":
+              tpot_us = row["tpot_ms_median"] * 1e3
+              row.update(busy, gpu_busy_fraction=busy["cupti_total_us"] / tpot_us)
+              log(f"CUPTI per step (µs): { {k: round(v, 1) for k, v in busy.items()} }"
+                  f"  busy {row['gpu_busy_fraction']:.0%}")
         if _PROFILE.value and "jit" in _LOOPS.value:
           split, top = _profile(decoder, prompts, steps, profiling)
           mine = [r for r in rows if all(r[k] == v for k, v in key.items())]
@@ -147,16 +157,39 @@ def _time(decoder, prompts, loop: str):
   return records.summarize(samples, "tpot_ms_"), float(np.median(ttft)), gen.tokens
 
 
+def _prefilled(decoder, prompts):
+  """(cache, comm state, first tokens) after prefilling `prompts`: a jit loop's inputs."""
+  import jax
+
+  cache, comm = decoder.new_cache(len(prompts)), decoder.new_comm_state(len(prompts))
+  first, _, cache, comm = decoder.prefill(cache, comm, prompts)
+  jax.block_until_ready(first)
+  return cache, comm, first
+
+
+def _kernel_time(decoder, prompts, steps, tp):
+  """Kernel µs per decode step and device by category, from CUPTI around one jit-loop run
+  (command buffers stay on; kernels are classified by name only)."""
+  import jax
+
+  from experiments import cupti
+
+  cache, comm, first = _prefilled(decoder, prompts)
+  fn = decoder.loop_fn(steps, False)  # compiled by the timing above
+  ms = cupti.kernel_ms(lambda: jax.block_until_ready(fn(decoder.state, cache, comm, first)))
+  out = {f"cupti_{cat}_us": ms.get(cat, 0.0) * 1e3 / tp / steps
+         for cat in ("all_reduce", "matmul", "attention", "other")}
+  out["cupti_total_us"] = sum(out.values())
+  return out
+
+
 def _profile(decoder, prompts, steps, profiling):
   """GPU kernel time per decode step by category, from a trace of one jit-loop run."""
   import jax
 
   trace_dir = tempfile.mkdtemp(prefix="decode_trace_")
-  batch = len(prompts)
-  cache, comm = decoder.new_cache(batch), decoder.new_comm_state(batch)
-  first, _, cache, comm = decoder.prefill(cache, comm, prompts)
+  cache, comm, first = _prefilled(decoder, prompts)
   fn = decoder.loop_fn(steps, False)  # compiled by the timing above
-  jax.block_until_ready(first)
   jax.profiler.start_trace(trace_dir)
   jax.block_until_ready(fn(decoder.state, cache, comm, first))
   jax.profiler.stop_trace()

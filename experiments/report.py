@@ -89,6 +89,7 @@ def _decode_section(rows):
           "gemm", "tpot_ms_median",
           "tpot_ms_p90", "tpot_ms_p99", "tokens_per_s", "weight_gbps_per_device",
           "hbm_copy_gbps", "floor_fraction", "gpu_all_reduce_us", "all_reduce_share_of_tpot",
+          "cupti_total_us", "gpu_busy_fraction",
           "git_sha", "path"]
   rows = sorted(rows, key=lambda r: (r["model"], r["tp"], r["loop"], r["command_buffers"],
                                      r["xla_collectives"], r["backend"]))

@@ -32,6 +32,8 @@ for step in "$@"; do
     decode_gemm)    decode --backend xla --command_buffers while --gemm cublas --runs 4 ;;
     decode_gemv)    decode --backend xla,fused --matmul xla,pallas --command_buffers while --runs 4 --loops jit ;;
     decode_dump)    TPS=2 decode --backend xla --command_buffers while --dump_dir /tmp/dump_w --runs 2 --loops jit ;;
+    decode_busy)    decode --backend xla,fused --matmul xla,pallas --command_buffers while --runs 2 \
+                      --loops jit --cupti ;;  # kernel time vs TPOT: the idle gaps (after diag)
     decode_while)   decode --backend xla,one_shot,fused --command_buffers while --runs 4 ;;
     decode_default) decode --backend xla,fused --command_buffers default --runs 4 ;;
     decode_nccl)    TPS=2 decode --backend xla --xla_collectives nccl --runs 4 ;;  # NCCL: no WHILE graph
