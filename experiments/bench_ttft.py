@@ -283,7 +283,13 @@ def main(argv):
             f" {s['expected_prefill_ms']:6.1f} ms ({s['vs_exact']:.2f}x exact; prompts <= 100:"
             f" {s['vs_exact_short']:.2f}x), build {s['build_s_total']:5.1f} s", flush=True)
   runs = [(p, s) for p in policies for s in (("cold", "warm") if p == "hybrid" else ("cold",))]
-  for policy, start in runs:
+  config = {"model": _MODEL.value, "tp": _TP.value, "requests": len(lengths),
+            "seed": _SEED.value, "max_len": max_len, "buckets": ",".join(map(str, buckets)),
+            "policies": ",".join(policies), "naive_requests": _NAIVE_REQUESTS.value,
+            "grid": ",".join(map(str, GRID)), "dtype": "bfloat16", "batch": 1,
+            "command_buffers": _CB.value, "xla_flags_set": xla_flags, "cpu_count": os.cpu_count()}
+  path = None
+  for done, (policy, start) in enumerate(runs, 1):
     result = _in_fresh_process(_serve, {**job, "policy": policy})
     policy_rows = _policy_rows(policy, start, result, job, exact_ms)
     rows += policy_rows
@@ -294,18 +300,16 @@ def main(argv):
           f"  first {s['first_ttft_ms']:7.1f}  executables {s['executables']}"
           f"  fallbacks {s['fallbacks']}  blocked {s['blocked_on_compile']}{ready}"
           f"  [{time.perf_counter() - t_start:.0f} s]", flush=True)
-  if _RECORD.value:
-    config = {"model": _MODEL.value, "tp": _TP.value, "requests": len(lengths),
-              "seed": _SEED.value, "max_len": max_len, "buckets": ",".join(map(str, buckets)),
-              "policies": ",".join(policies), "naive_requests": _NAIVE_REQUESTS.value,
-              "grid": ",".join(map(str, GRID)),
-              "dtype": "bfloat16", "batch": 1, "command_buffers": _CB.value,
-              "xla_flags_set": xla_flags, "cpu_count": os.cpu_count()}
-    # Load averages show whether anything else shared the CPU while this ran.
-    extra = {"persistent_cache_bytes": sum(f.stat().st_size for f in cache_dir.rglob("*")
-                                           if f.is_file()),
-             "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
-    path = records.write("ttft", config, rows, extra=extra)
+    if _RECORD.value:  # after every policy, so that a run cut short keeps what it measured
+      # Load averages show whether anything else shared the CPU while this ran.
+      extra = {"persistent_cache_bytes": sum(f.stat().st_size for f in cache_dir.rglob("*")
+                                             if f.is_file()),
+               "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+               "runs_done": f"{done} of {len(runs)}"}
+      previous, path = path, records.write("ttft", config, rows, extra=extra)
+      if previous is not None:
+        pathlib.Path(previous).unlink()
+  if path is not None:
     print(f"record: {path}")
 
 
