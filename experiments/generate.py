@@ -26,6 +26,8 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate at mos
 _TP = flags.DEFINE_integer("tp", 1, "Tensor-parallel degree (first tp local devices).")
 _LOOP = flags.DEFINE_enum("loop", "jit", ["python", "jit"], "Decode loop.")
 _BACKEND = flags.DEFINE_string("backend", "xla", "All-reduce backend (models/collectives.py).")
+_MATMUL = flags.DEFINE_string("matmul", "xla", "Projections: XLA's dots or the Pallas GEMV"
+                              " (models/llama.MATMULS).")
 _MAX_LEN = flags.DEFINE_integer("max_len", 512, "KV cache slots per sequence.")
 _RECORD = flags.DEFINE_bool("record", True, "Write a record under experiments/results/.")
 
@@ -38,7 +40,8 @@ def main(argv):
     raise app.UsageError(f"--model {_MODEL.value} has no tokenizer; pass --checkpoint_dir")
   tok = Tokenizer(ckpt)
   ids = tok.chat(_PROMPT.value) if _CHAT.value else tok.encode(_PROMPT.value)
-  decoder = Decoder(config, graphdef, state, mesh, backend=_BACKEND.value, max_len=_MAX_LEN.value)
+  decoder = Decoder(config, graphdef, state, mesh, backend=_BACKEND.value, max_len=_MAX_LEN.value,
+                    matmul=_MATMUL.value)
   decoder.generate([ids], _MAX_NEW.value, loop=_LOOP.value)  # compile and warm up
   gen = decoder.generate([ids], _MAX_NEW.value, loop=_LOOP.value)
   row = gen.tokens[0]
@@ -54,6 +57,7 @@ def main(argv):
   print(f"weight reads          {gbps:9.1f} GB/s per device")
   if _RECORD.value:
     result = {"model": _MODEL.value, "tp": _TP.value, "loop": _LOOP.value, "backend": _BACKEND.value,
+              "matmul": _MATMUL.value,
               "prompt_tokens": len(ids), "output_tokens": n_out, "ttft_ms": gen.prefill_s * 1e3,
               "tokens_per_s": 1e3 / median_ms, "weight_gbps_per_device": gbps,
               **(records.summarize(step_ms, "tpot_ms_") if step_ms.size else {})}
