@@ -42,6 +42,7 @@ _RUNS = flags.DEFINE_integer("runs", 8, "Timed generations per loop (after one w
 _PROFILE = flags.DEFINE_bool("profile", False, "Trace the jit loop and break GPU time down.")
 _CUPTI = flags.DEFINE_bool("cupti", False, "Sum the jit loop's kernel time with CUPTI, command"
                            " buffers on (kernels inside graphs count): GPU busy time per step.")
+_COPY_GIB = flags.DEFINE_float("copy_gib", 2.0, "GiB copied to measure HBM bandwidth.")
 _DUMP = flags.DEFINE_string("dump_dir", None, "XLA dump directory (checks the WHILE graph).")
 
 
@@ -71,7 +72,7 @@ def main(argv):
 
   t_start = time.perf_counter()
   log = lambda msg: print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
-  copy_gbps = xla_env.hbm_copy_gbps()
+  copy_gbps = xla_env.hbm_copy_gbps(_COPY_GIB.value)
   log(f"copy bandwidth {copy_gbps:.0f} GB/s (device 0)")
   max_len = -(-(_PROMPT.value + _GEN.value) // 128) * 128
   steps = _GEN.value - 1

@@ -1,0 +1,74 @@
+"""The benchmark binaries run end to end on the CPU (2 fake devices, tiny sizes) and write
+records that the report reads: a broken flag, row or record fails here, not on a GPU."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from experiments import records
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp_path, module, *args) -> list[dict]:
+  env = {**os.environ, "TPDECODE_RESULTS": str(tmp_path), "TPDECODE_GIT_SHA": "test",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  paths = sorted(tmp_path.glob("*/*.json"))
+  assert len(paths) == 1, paths
+  record = json.loads(paths[0].read_text())
+  assert record["git_sha"] == "test" and record["platform"] == "cpu"
+  return record["results"]
+
+
+def test_bench_allreduce(tmp_path):
+  rows = _run(tmp_path, "bench_allreduce", "--tp=2", "--min_bytes=8192", "--max_bytes=16384",
+              "--iters=2", "--runs=2", "--flavours=pallas,psum_default")
+  got = sorted((r["impl"], r["bytes"]) for r in rows)
+  assert got == sorted((i, b) for i in ("one_shot", "two_shot", "auto", "psum_default")
+                       for b in (8192, 16384))
+  assert all(r["loop_us"] > 0 and r["error"] is None for r in rows)
+
+
+def test_bench_allreduce_add_norm(tmp_path):
+  rows = _run(tmp_path, "bench_allreduce", "--tp=2", "--op=add_norm", "--tokens=1,4",
+              "--hidden=4096", "--iters=2", "--runs=2", "--flavours=pallas")
+  assert sorted((r["impl"], r["tokens"]) for r in rows) == [
+      ("fused", 1), ("fused", 4), ("one_shot", 1), ("one_shot", 4)]
+
+
+def test_bench_decode(tmp_path):
+  rows = _run(tmp_path, "bench_decode", "--model=tiny", "--tp=2", "--backend=xla,fused",
+              "--matmul=xla,pallas", "--batch=1,2", "--prompt_len=4", "--gen_len=6", "--runs=1",
+              "--copy_gib=0.01", "--cupti")
+  assert len(rows) == 2 * 2 * 2 * 2  # backends x matmuls x batches x loops
+  assert all(r["tpot_ms_median"] > 0 and r["tokens_match_first"] for r in rows)
+  assert {r["matmul"] for r in rows} == {"xla", "pallas"}
+
+
+def test_bench_matvec(tmp_path):
+  rows = _run(tmp_path, "bench_matvec", "--tps=8", "--runs=2", "--copies=2", "--forms=nd",
+              "--gemms=default")
+  assert {r["matrix"] for r in rows} == {"qkv_each", "qkv_fused", "o_proj", "gate_up_each",
+                                         "gate_up_fused", "down_proj"}
+  assert all(r["rel_err"] < 1e-2 for r in rows)
+
+
+def test_report_renders_a_fresh_record(tmp_path, monkeypatch):
+  results = tmp_path / "results"
+  _run(results, "bench_allreduce", "--tp=2", "--min_bytes=8192", "--max_bytes=8192",
+       "--iters=2", "--runs=2", "--flavours=pallas")
+  from experiments import report
+  monkeypatch.setattr(report, "DOCS", tmp_path / "docs")  # plots go there, not into docs/
+  text = report.render(results)
+  assert "## All-reduce latency" in text and "| 8192 |" in text
+  assert list((tmp_path / "docs" / "plots").glob("allreduce_*.png"))
+  assert records.load("allreduce", results)[0]["config"]["flavours"] == {
+      "pallas": ["default", "while"]}
