@@ -72,3 +72,16 @@ def test_report_renders_a_fresh_record(tmp_path, monkeypatch):
   assert list((tmp_path / "docs" / "plots").glob("allreduce_*.png"))
   assert records.load("allreduce", results)[0]["config"]["flavours"] == {
       "pallas": ["default", "while"]}
+
+
+def test_bench_ttft(tmp_path):
+  rows = _run(tmp_path, "bench_ttft", "--model=tiny", "--requests=200", "--noprofile_buckets",
+              "--naive_requests=10", "--buckets=64,128,256,512")
+  policies = {(r["policy"], r["start"]): r for r in rows if r["row"] == "policy"}
+  assert sorted(policies) == [("buckets", "cold"), ("hybrid", "cold"), ("hybrid", "warm"),
+                              ("naive", "cold"), ("pad_max", "cold")]
+  assert policies[("naive", "cold")]["requests"] == 10
+  assert policies[("pad_max", "cold")]["requests"] == 200
+  sources = {(r["start"], r["source"]) for r in rows
+             if r["row"] == "executable" and r["policy"] == "hybrid"}
+  assert sources == {("cold", "compiled"), ("warm", "store")}  # the warm start loads them all
