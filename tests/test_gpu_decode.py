@@ -49,3 +49,19 @@ def test_smollm2_kernel_backends_equal_xla_at_tp2(backend):
   tok, got = _generate(2, "jit", backend)
   print("\n".join(f"{backend}: {tok.decode(row)!r}" for row in got))
   np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.gpu(count=2)
+@pytest.mark.parametrize("backend", ["one_shot", "fused"])
+def test_decode_loop_never_copies_the_workspace(backend):
+  """The peer-write protocol needs every kernel in the decode loop to run on the carried
+  workspace itself (docs/allreduce.md): XLA's optimized loop has no copy of it."""
+  from pallas_kernels import lowering_checks
+
+  mesh = make_mesh(2)
+  config, graphdef, state, _ = factory.build("smollm2-135m", mesh)
+  decoder = Decoder(config, graphdef, state, mesh, backend=backend, max_len=128)
+  cache, comm = decoder.new_cache(2), decoder.new_comm_state(2)
+  first = jnp.zeros((2,), jnp.int32)
+  hlo = decoder.loop_fn(16, False).lower(decoder.state, cache, comm, first).compile().as_text()
+  assert lowering_checks.workspace_copies(hlo, comm) == []
