@@ -47,7 +47,8 @@ _TOKENS = flags.DEFINE_list("tokens", ["1", "4", "16", "64", "128"], "add_norm: 
 _HIDDEN = flags.DEFINE_list("hidden", ["4096", "5120", "8192"], "add_norm: hidden sizes.")
 _STEP = flags.DEFINE_integer("size_step", 2, "Factor between consecutive message sizes.")
 _FROM = flags.DEFINE_string("thresholds_from", None, "An all_reduce record of this TP degree:"
-                            " auto uses the thresholds derived from it (experiments/thresholds.py).")
+                            " auto uses the thresholds derived from it"
+                            " (experiments/thresholds.py).")
 _CUPTI = flags.DEFINE_bool("cupti", True, "Measure kernel times with CUPTI.")
 _FLAVOURS = flags.DEFINE_list("flavours", None, "Subset of the child flavours (default: all).")
 _IMPLS = flags.DEFINE_list("impls", None, "pallas flavour: subset of its implementations.")

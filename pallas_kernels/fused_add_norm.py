@@ -134,7 +134,8 @@ def _kernel_call(partial, residual, weight, ws: Workspace, axis: str, eps: float
                      f" ({tokens}, {width}) {partial.dtype} message")
   if width != hidden:
     pad = ((0, 0), (0, width - hidden))
-    partial, residual, weight = jnp.pad(partial, pad), jnp.pad(residual, pad), jnp.pad(weight, pad[1])
+    partial, residual = jnp.pad(partial, pad), jnp.pad(residual, pad)
+    weight = jnp.pad(weight, pad[1])
   tiling = grid(tokens, width, config)
   dt = partial.dtype
   kernel = peer_sync.aliased_kernel(
