@@ -121,7 +121,7 @@ def run_child(flavour: str, out_path: str):
   from jax.sharding import PartitionSpec as P
 
   from experiments import cupti
-  from models.collectives import BACKENDS, init_workspace
+  from models.collectives import BACKENDS, workspace_capacity
   from models.sharding import make_mesh
   from pallas_kernels import all_reduce, common, lowering_checks, workspace
 
@@ -142,11 +142,9 @@ def run_child(flavour: str, out_path: str):
       if impl in ("one_shot", "two_shot") and not kernel_ok:
         continue
       example = jax.ShapeDtypeStruct((tokens if kernel_ok else 1, 1, hidden), jnp.bfloat16)
-      need = all_reduce.workspace_capacity(tokens, hidden, jnp.bfloat16, n, cfg) if kernel_ok else 0
-
-      def fresh_ws():
-        ws = init_workspace(mesh, "tp", example)
-        return ws if ws.slots.shape[-1] >= need else workspace.init(mesh, "tp", need, jnp.bfloat16)
+      capacity = max(workspace_capacity(example, n), all_reduce.workspace_capacity(
+          tokens, hidden, jnp.bfloat16, n, cfg) if kernel_ok else 0)  # cfg may tile coarser
+      fresh_ws = lambda: workspace.init(mesh, "tp", capacity, jnp.bfloat16)
 
       w = jnp.ones((hidden,), jnp.bfloat16)
 

@@ -178,6 +178,17 @@ def _by_record(rows):
   return out
 
 
+def _record_tp_groups(rows):
+  """(record path, TP degree, its rows, a heading naming machine and commit), record by
+  record and TP by TP."""
+  for path, recs in _by_record(rows).items():
+    for tp in sorted({r["tp"] for r in recs}):
+      mine = [r for r in recs if r["tp"] == tp]
+      head = mine[0]
+      yield path, tp, mine, (f"### TP={tp}, {head['device_kind']} x{head['num_devices']}"
+                             f" ({path}, {head['git_sha']})")
+
+
 def _pivot(rows, key_cols, value="loop_us"):
   """One row per `key_cols` value, one column per implementation holding `value`."""
   impls = list(dict.fromkeys(r["impl"] for r in rows))
@@ -198,37 +209,33 @@ def _allreduce_section(rows):
            " iteration, the loop one CUDA graph with a WHILE node; NCCL: default command buffers,"
            " see the benchmark's docstring). `fails`: XLA could not run that configuration"
            " (the record holds the error). Per record:"]
-  for path, recs in _by_record(rows).items():
-    for tp in sorted({r["tp"] for r in recs}):
-      mine = [r for r in recs if r["tp"] == tp]
-      pivot, impls = _pivot(mine, ["bytes"])
-      auto = {r["bytes"]: r["method"] for r in mine if r["impl"] == "auto"}
-      for row in pivot:
-        row["auto picks"] = auto.get(row["bytes"])
-        best_xla = [row.get(k) for k in ("psum_default", "psum_nccl", "psum_xla_one_shot")]
-        best_xla = min([v for v in best_xla if isinstance(v, float)], default=None)
-        ours = row.get("auto", row.get("one_shot"))
-        row["ours / fastest psum"] = _ratio(ours, best_xla)
-        row["ours / psum_default"] = _ratio(ours, row.get("psum_default"))
-        row["ours / psum_nccl"] = _ratio(ours, row.get("psum_nccl"))
-      stem = pathlib.Path(path).stem
+  for path, tp, mine, heading in _record_tp_groups(rows):
+    pivot, impls = _pivot(mine, ["bytes"])
+    auto = {r["bytes"]: r["method"] for r in mine if r["impl"] == "auto"}
+    for row in pivot:
+      row["auto picks"] = auto.get(row["bytes"])
+      best_xla = [row.get(k) for k in ("psum_default", "psum_nccl", "psum_xla_one_shot")]
+      best_xla = min([v for v in best_xla if isinstance(v, float)], default=None)
+      ours = row.get("auto", row.get("one_shot"))
+      row["ours / fastest psum"] = _ratio(ours, best_xla)
+      row["ours / psum_default"] = _ratio(ours, row.get("psum_default"))
+      row["ours / psum_nccl"] = _ratio(ours, row.get("psum_nccl"))
+    stem = pathlib.Path(path).stem
 
-      def draw(ax, mine=mine, impls=impls, tp=tp):
-        for impl in impls:
-          pts = sorted((r["bytes"], r["loop_us"]) for r in mine
-                       if r["impl"] == impl and r["loop_us"] is not None)
-          ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"TP{tp} {impl}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("message bytes per rank (bf16)")
-        ax.set_ylabel("µs per all-reduce (decode-shaped loop)")
-        ax.legend(fontsize=7)
+    def draw(ax, mine=mine, impls=impls, tp=tp):
+      for impl in impls:
+        pts = sorted((r["bytes"], r["loop_us"]) for r in mine
+                     if r["impl"] == impl and r["loop_us"] is not None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"TP{tp} {impl}")
+      ax.set_xscale("log", base=2)
+      ax.set_yscale("log")
+      ax.set_xlabel("message bytes per rank (bf16)")
+      ax.set_ylabel("µs per all-reduce (decode-shaped loop)")
+      ax.legend(fontsize=7)
 
-      head = mine[0]
-      parts.append(f"### TP={tp}, {head['device_kind']} x{head['num_devices']} ({path},"
-                   f" {head['git_sha']})\n\n" + _plot(f"allreduce_{stem}_tp{tp}", draw) + "\n\n"
-                   + table(pivot, ["bytes", *impls, "auto picks", "ours / fastest psum",
-                                   "ours / psum_default", "ours / psum_nccl"]))
+    parts.append(heading + "\n\n" + _plot(f"allreduce_{stem}_tp{tp}", draw) + "\n\n"
+                 + table(pivot, ["bytes", *impls, "auto picks", "ours / fastest psum",
+                                 "ours / psum_default", "ours / psum_nccl"]))
   return "\n\n".join(parts)
 
 
@@ -357,34 +364,30 @@ def _add_norm_section(rows):
            " fused >= 3x faster than psum_nccl and >= 1.5x than psum_default at 1-16 tokens,"
            " and at most 1.2x our bare one-shot all-reduce of the same bytes (from the newest"
            " all-reduce record, another process)."]
-  for path, recs in _by_record(rows).items():
-    for tp in sorted({r["tp"] for r in recs}):
-      mine = [r for r in recs if r["tp"] == tp]
-      pivot, impls = _pivot(mine, ["hidden", "tokens"])
-      for row in pivot:
-        fused = row.get("fused")
-        row["psum_nccl / fused"] = _ratio(row.get("psum_nccl"), fused)
-        row["psum_default / fused"] = _ratio(row.get("psum_default"), fused)
-        one = bare.get((tp, row["hidden"] * row["tokens"] * 2))
-        row["fused / bare one_shot"] = _ratio(fused, one and one["loop_us"])
+  for path, tp, mine, heading in _record_tp_groups(rows):
+    pivot, impls = _pivot(mine, ["hidden", "tokens"])
+    for row in pivot:
+      fused = row.get("fused")
+      row["psum_nccl / fused"] = _ratio(row.get("psum_nccl"), fused)
+      row["psum_default / fused"] = _ratio(row.get("psum_default"), fused)
+      one = bare.get((tp, row["hidden"] * row["tokens"] * 2))
+      row["fused / bare one_shot"] = _ratio(fused, one and one["loop_us"])
 
-      def draw(ax, mine=mine, tp=tp):
-        for impl, hidden in sorted({(r["impl"], r["hidden"]) for r in mine}):
-          pts = sorted((r["tokens"], r["loop_us"]) for r in mine
-                       if (r["impl"], r["hidden"]) == (impl, hidden) and r["loop_us"] is not None)
-          ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                  label=f"TP{tp} {impl} h={hidden}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("µs per all-reduce + add + RMSNorm")
-        ax.legend(fontsize=6, ncol=2)
+    def draw(ax, mine=mine, tp=tp):
+      for impl, hidden in sorted({(r["impl"], r["hidden"]) for r in mine}):
+        pts = sorted((r["tokens"], r["loop_us"]) for r in mine
+                     if (r["impl"], r["hidden"]) == (impl, hidden) and r["loop_us"] is not None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                label=f"TP{tp} {impl} h={hidden}")
+      ax.set_xscale("log", base=2)
+      ax.set_xlabel("tokens")
+      ax.set_ylabel("µs per all-reduce + add + RMSNorm")
+      ax.legend(fontsize=6, ncol=2)
 
-      head = mine[0]
-      parts.append(f"### TP={tp}, {head['device_kind']} x{head['num_devices']} ({path},"
-                   f" {head['git_sha']})\n\n"
-                   + _plot(f"add_norm_{pathlib.Path(path).stem}_tp{tp}", draw) + "\n\n"
-                   + table(pivot, ["hidden", "tokens", *impls, "psum_nccl / fused",
-                                   "psum_default / fused", "fused / bare one_shot"]))
+    parts.append(heading + "\n\n"
+                 + _plot(f"add_norm_{pathlib.Path(path).stem}_tp{tp}", draw) + "\n\n"
+                 + table(pivot, ["hidden", "tokens", *impls, "psum_nccl / fused",
+                                 "psum_default / fused", "fused / bare one_shot"]))
   return "\n\n".join(parts)
 
 

@@ -73,13 +73,18 @@ def _kernel_backend(method: str) -> Backend:
   return Backend(reduce_add_norm, init_workspace, workspace.spec)
 
 
+def workspace_capacity(example, n: int) -> int:
+  """Workspace elements for one decode step's message (batch, 1, hidden) through any kernel
+  over `n` ranks."""
+  b, _, d = example.shape
+  return max(all_reduce.workspace_capacity(b, d, example.dtype, n),
+             b * fused_add_norm.padded_hidden(d))
+
+
 def init_workspace(mesh, axis, example):
   """A workspace for one decode step's message (batch, 1, hidden) through any kernel."""
-  b, _, d = example.shape
-  n = mesh.shape[axis]
-  capacity = max(all_reduce.workspace_capacity(b, d, example.dtype, n),
-                 b * fused_add_norm.padded_hidden(d))
-  return workspace.init(mesh, axis, capacity, example.dtype)
+  return workspace.init(mesh, axis, workspace_capacity(example, mesh.shape[axis]),
+                        example.dtype)
 
 
 def _fused_reduce_add_norm(partial, residual, norm_w, eps, axis, ws):

@@ -16,6 +16,11 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 THREADS = 128  # one warpgroup per block
 
 
+def largest_divisor(n: int, limit: int) -> int:
+  """The largest divisor of `n` that is at most `limit` (at least 1)."""
+  return max(d for d in range(1, max(1, min(limit, n)) + 1) if n % d == 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Tiling: one chunk is THREADS x `vectors` 16-byte vectors; blocks split the chunks."""
@@ -28,8 +33,7 @@ class Config:
 
   def grid(self, chunks: int) -> tuple[int, int]:
     """(blocks, chunks per block): the most blocks <= max_blocks that divide `chunks`."""
-    limit = min(self.max_blocks, MAX_BLOCKS, chunks)
-    blocks = max(b for b in range(1, limit + 1) if chunks % b == 0)
+    blocks = largest_divisor(chunks, min(self.max_blocks, MAX_BLOCKS))
     return blocks, chunks // blocks
 
 

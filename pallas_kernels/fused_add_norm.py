@@ -48,9 +48,8 @@ def grid(tokens: int, width: int, config: common.Config) -> tuple[int, int, int,
   blocks as divide the row's tiles (up to max_blocks), then row groups with the rest."""
   limit = min(config.max_blocks, MAX_BLOCKS)
   tiles = width // VECTOR
-  col_blocks = max(c for c in range(1, min(limit, tiles) + 1) if tiles % c == 0)
-  row_limit = max(1, min(limit // col_blocks, tokens))
-  row_blocks = max(r for r in range(1, row_limit + 1) if tokens % r == 0)
+  col_blocks = common.largest_divisor(tiles, limit)
+  row_blocks = common.largest_divisor(tokens, limit // col_blocks)
   return row_blocks, tokens // row_blocks, col_blocks, tiles // col_blocks
 
 
