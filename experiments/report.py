@@ -109,9 +109,10 @@ def _decode_section(rows):
 
   return ("## Decode latency (experiments/bench_decode.py)\n\n"
           "TPOT for the jit loop is the per-run mean over 255 steps (median over runs); for the"
-          " python loop, per step. Records before 2026-11-22T00:22 measured the copy bandwidth"
-          " with a single large elementwise op (launch and allocation included), which read"
-          " low; `floor_fraction` of those rows is optimistic.\n\n"
+          " python loop, per step. Records dated before 2026-11-22T03:30 measured the copy"
+          " bandwidth low (2.3-2.7 TB/s: one synchronous op per call, then an in-graph loop"
+          " that XLA gave extra traffic), so `floor_fraction` in those rows is optimistic by up"
+          " to ~1.8x; later records time back-to-back asynchronous copies.\n\n"
           + _plot("decode_tpot", draw) + "\n\n" + table(rows, cols))
 
 

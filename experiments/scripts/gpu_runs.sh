@@ -25,7 +25,7 @@ for step in "$@"; do
                     [ -n "$rec" ] && bench 200 bench_allreduce --tp "${TP:-2}" --impls auto \
                       --flavours psum_default,psum_nccl,pallas --thresholds_from "$rec" ;;
     add_norm)       bench 330 bench_allreduce --tp "${TP:-2}" --op add_norm ;;
-    diag)           for c in nocupti cupti; do  # the abort at 256 KB (docs/allreduce.md), with copy counts
+    diag)           for c in ${DIAG:-nocupti cupti}; do  # the abort at 256 KB (docs/allreduce.md), with copy counts
                       bench 150 bench_allreduce --tp 2 --flavours pallas --impls one_shot --$c \
                         --min_bytes 131072 --max_bytes 1048576 --runs 30; done ;;
     matvec)         XLA_FLAGS="$TUNED" bench 300 bench_matvec --tps 1,2 --forms nd --gemms default,cublas,pallas ;;
