@@ -306,9 +306,7 @@ def main(argv):
                                              if f.is_file()),
                "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                "runs_done": f"{done} of {len(runs)}"}
-      previous, path = path, records.write("ttft", config, rows, extra=extra)
-      if previous is not None:
-        pathlib.Path(previous).unlink()
+      path = records.write("ttft", config, rows, extra=extra, path=path)
   if path is not None:
     print(f"record: {path}")
 

@@ -30,8 +30,11 @@ class Kernel:
   scope: str
 
 
-def device_kernels(trace_dir: str) -> list[Kernel]:
-  """All GPU kernel events of the newest trace under `trace_dir`."""
+def device_kernels(trace_dir: str, lines_seen: dict[str, int] | None = None) -> list[Kernel]:
+  """All GPU kernel events (per-stream lines) of the newest trace under `trace_dir`.
+
+  `lines_seen`, if given, receives event counts of every line of the GPU planes: evidence of
+  what the trace held when kernels are missing from it."""
   paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
                  key=os.path.getmtime)
   if not paths:
@@ -42,6 +45,9 @@ def device_kernels(trace_dir: str) -> list[Kernel]:
     if not plane.name.startswith("/device:GPU"):
       continue
     for line in plane.lines:
+      if lines_seen is not None:
+        key = f"{plane.name} | {line.name}"
+        lines_seen[key] = lines_seen.get(key, 0) + sum(1 for _ in line.events)
       if "memcpy" in line.name.lower() or not line.name.lower().startswith("stream"):
         continue
       for ev in line.events:

@@ -72,8 +72,12 @@ def environment() -> dict[str, Any]:
 
 
 def write(experiment: str, config: dict[str, Any], results: list[dict[str, Any]],
-          extra: dict[str, Any] | None = None, root: pathlib.Path | None = None) -> pathlib.Path:
-  """Writes a record and returns its path. Rows must be flat (scalar values only)."""
+          extra: dict[str, Any] | None = None, root: pathlib.Path | None = None,
+          path: pathlib.Path | None = None) -> pathlib.Path:
+  """Writes a record and returns its path. Rows must be flat (scalar values only).
+
+  With `path` (a previous return value), rewrites that record: benchmarks write after every
+  configuration, so a run cut short keeps what it measured under one name."""
   for i, row in enumerate(results):
     bad = {k: type(v).__name__ for k, v in row.items() if not isinstance(v, _SCALARS)}
     if bad:
@@ -81,10 +85,12 @@ def write(experiment: str, config: dict[str, Any], results: list[dict[str, Any]]
   record = {"experiment": experiment, **environment(), "config": config, "results": results}
   if extra:
     record.update(extra)
-  directory = (root or RESULTS_DIR) / experiment
-  directory.mkdir(parents=True, exist_ok=True)
-  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-  path = directory / f"{stamp}.json"
+  if path is None:
+    directory = (root or RESULTS_DIR) / experiment
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    path = directory / f"{stamp}.json"
+  path = pathlib.Path(path)
   path.write_text(json.dumps(record, indent=1, default=str) + "\n")
   return path
 

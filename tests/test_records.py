@@ -21,3 +21,12 @@ def test_write_and_load_rows(tmp_path):
 def test_rows_must_be_flat(tmp_path):
   with pytest.raises(TypeError, match=r"results\[0\] is not flat: non-scalar values \{'x': 'list'\}"):
     records.write("demo", {}, [{"x": [1, 2]}], root=tmp_path)
+
+
+def test_rewrite_keeps_one_record(tmp_path):
+  """Benchmarks rewrite their record after every configuration: one file, the latest rows."""
+  rows = [{"impl": "a"}]
+  path = records.write("demo", {}, rows, root=tmp_path)
+  rows.append({"impl": "b"})
+  assert records.write("demo", {}, rows, root=tmp_path, path=path) == path
+  assert [r["impl"] for r in records.load_rows("demo", root=tmp_path)] == ["a", "b"]

@@ -37,7 +37,7 @@ for step in "$@"; do
     decode_while)   decode --backend xla,one_shot,fused --command_buffers while --runs 4 ;;
     decode_default) decode --backend xla,fused --command_buffers default --runs 4 ;;
     decode_nccl)    TPS=2 decode --backend xla --xla_collectives nccl --runs 4 ;;  # NCCL: no WHILE graph
-    decode_off)     decode --backend xla,fused --command_buffers off --profile --runs 4 ;;
+    decode_off)     decode --backend xla,fused --command_buffers off --profile --cupti --runs 4 ;;
     ttft)           bench 560 bench_ttft --model llama2-7b --tp "${TP:-1}" \
                       --policies "${POLICIES:-naive,pad_max,buckets,hybrid}" \
                       --naive_requests "${NAIVE_REQUESTS:-40}" ;;
