@@ -35,13 +35,25 @@ GEMMS = (*xla_env.GEMMS, "pallas")
 _GEMMS = flags.DEFINE_list("gemms", ["default", "cublas", "pallas"], f"Of {GEMMS}.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: the GEMM setting this process measures.")
 _OUT = flags.DEFINE_string("child_out", None, "Internal: where a child writes its rows.")
+_GEMV_CONFIGS = flags.DEFINE_list(
+    "gemv_configs", ["auto"], "GEMV tilings to time with --gemms pallas: 'auto' "
+    "(gemv.config_for) or TILE_K:STAGES:SPLITS; tilings a shape cannot take are skipped.")
 _REPS = flags.DEFINE_integer("reps", 1, "Passes over the weights per run (>1 lets XLA merge "
                              "dots that share a weight, which this benchmark must not measure).")
 
 
 
-def dense(form: str, x, w, gemm: str = "default"):
-  """x (1, d) against w stored (d, n) for 'dn' or (n, d) for 'nd*'.
+def gemv_config(spec: str, n: int, k: int) -> gemv.Config:
+  """'auto' -> gemv.config_for(n, k); 'TILE_K:STAGES:SPLITS' -> that tiling."""
+  if spec == "auto":
+    return gemv.config_for(n, k)
+  tile_k, stages, splits = map(int, spec.split(":"))
+  return gemv.Config(tile_k=tile_k, stages=stages, splits=splits)
+
+
+def dense(form: str, x, w, gemm: str = "default", config: gemv.Config | None = None):
+  """x (1, d) against w stored (d, n) for 'dn' or (n, d) for 'nd*' (`config`: the GEMV's
+  tiling for gemm 'pallas').
 
   'nd_rows2' presents the batch-1 activation as two rows, so that the dot keeps a
   non-degenerate dimension and is not strength-reduced; the rows are averaged back.
@@ -49,7 +61,7 @@ def dense(form: str, x, w, gemm: str = "default"):
   if form == "dn":
     return jnp.einsum("bd,dn->bn", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
   if form == "nd" and gemm == "pallas":
-    return gemv.gemv(x, w, gemv.config_for(*w.shape))
+    return gemv.gemv(x, w, config or gemv.config_for(*w.shape))
   if form == "nd":
     return jnp.einsum("bd,nd->bn", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
   if form == "nd_rows2":
@@ -67,7 +79,7 @@ def entry_kernels(hlo_text: str) -> str:
   return ";".join([n for n, _ in found] + targets + kinds) or "none"
 
 
-def measure(form: str, d_in: int, d_out: int, gemm: str):
+def measure(form: str, d_in: int, d_out: int, gemm: str, config: gemv.Config | None = None):
   keys = jax.random.split(jax.random.key(0), _COPIES.value + 1)
   shape = (d_in, d_out) if form == "dn" else (d_out, d_in)
   ws = [jax.random.normal(k, shape, jnp.bfloat16) for k in keys[1:]]
@@ -78,12 +90,12 @@ def measure(form: str, d_in: int, d_out: int, gemm: str):
     acc = jnp.zeros((1, d_out), jnp.float32)
     for r in range(_REPS.value):
       for c, w in enumerate(ws):
-        acc = acc + dense(form, xs[r * len(ws) + c], w, gemm).astype(jnp.float32)
+        acc = acc + dense(form, xs[r * len(ws) + c], w, gemm, config).astype(jnp.float32)
     return acc
 
   compiled = jax.jit(run).lower(xs, ws).compile()
   # One dot compiled alone shows which kernel XLA picks for it.
-  single = jax.jit(lambda x, w: dense(form, x, w, gemm))
+  single = jax.jit(lambda x, w: dense(form, x, w, gemm, config))
   kind = entry_kernels(single.lower(xs[0], ws[0]).compile().as_text())
   x = xs[0]
   ref = np.asarray(x, np.float32) @ (np.asarray(ws[0], np.float32) if form == "dn"
@@ -113,12 +125,36 @@ def run_child(gemm: str, out_path: str):
       for form in _FORMS.value:
         if gemm == "pallas" and (form != "nd" or jax.default_backend() != "gpu"):
           continue  # the kernel takes the package's (out, in) layout, on a GPU
-        row = {"tp": tp, "matrix": name, "gemm": gemm, **measure(form, d_in, d_out, gemm)}
-        rows.append(row)
-        print(f"{gemm} tp={tp} {name:13s} {form:9s} {row['us_median']:8.2f} us"
-              f" {row['gbps']:6.0f} GB/s rel_err {row['rel_err']:.1e}  {row['kernel']}", flush=True)
-        with open(out_path, "w") as out:
-          json.dump(rows, out)
+        for config in gemv_configs(gemm, d_out, d_in, _GEMV_CONFIGS.value):
+          row = {"tp": tp, "matrix": name, "gemm": gemm,
+                 "gemv_config": _config_name(config), **measure(form, d_in, d_out, gemm, config)}
+          rows.append(row)
+          print(f"{gemm} tp={tp} {name:13s} {form:9s} {row['gemv_config']:11s}"
+                f" {row['us_median']:8.2f} us {row['gbps']:6.0f} GB/s rel_err"
+                f" {row['rel_err']:.1e}  {row['kernel']}", flush=True)
+          with open(out_path, "w") as out:
+            json.dump(rows, out)
+
+
+def gemv_configs(gemm: str, n: int, k: int, specs: list[str]) -> list[gemv.Config | None]:
+  """The GEMV tilings of `specs` that an (n, k) weight takes, deduplicated (one None: XLA)."""
+  if gemm != "pallas":
+    return [None]
+  out = []
+  for spec in specs:
+    config = gemv_config(spec, n, k)
+    try:
+      gemv.check(jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.bfloat16),
+                 config)
+    except ValueError:
+      continue
+    if config not in out:
+      out.append(config)
+  return out
+
+
+def _config_name(config: gemv.Config | None) -> str:
+  return "" if config is None else f"{config.tile_k}:{config.stages}:{config.splits}"
 
 
 def main(argv):

@@ -85,3 +85,16 @@ def test_bench_ttft(tmp_path):
   sources = {(r["start"], r["source"]) for r in rows
              if r["row"] == "executable" and r["policy"] == "hybrid"}
   assert sources == {("cold", "compiled"), ("warm", "store")}  # the warm start loads them all
+
+
+def test_gemv_tilings_swept_are_the_ones_a_shape_takes():
+  from experiments import bench_matvec
+  from pallas_kernels import gemv
+
+  specs = ["auto", "128:4:1", "128:4:2", "128:2:8"]
+  assert bench_matvec.gemv_configs("default", 6144, 4096, specs) == [None]
+  got = bench_matvec.gemv_configs("pallas", 6144, 4096, specs)
+  assert got[0] == gemv.config_for(6144, 4096) and len(got) == len(set(got)) == 3
+  # k = 5504 = 43 x 128: no 128-wide split divides it; the sweep skips those tilings.
+  assert bench_matvec.gemv_configs("pallas", 4096, 5504, ["128:4:1", "128:4:2"]) == [
+      gemv.Config(tile_k=128, stages=4, splits=1)]

@@ -29,6 +29,8 @@ for step in "$@"; do
                       bench 150 bench_allreduce --tp 2 --flavours pallas --impls one_shot --$c \
                         --min_bytes 131072 --max_bytes 1048576 --runs 30; done ;;
     matvec)         XLA_FLAGS="$TUNED" bench 300 bench_matvec --tps 1,2 --forms nd --gemms default,cublas,pallas ;;
+    gemv_tune)      XLA_FLAGS="$TUNED" bench 400 bench_matvec --tps "${TPS:-1,2}" --forms nd --gemms default,pallas \
+                      --gemv_configs auto,128:4:1,128:4:2,128:4:4,128:8:1,128:8:2,64:8:2,64:8:4 --runs 20 ;;
     decode_gemm)    decode --backend xla --command_buffers while --gemm cublas --runs 4 ;;
     decode_gemv)    decode --backend xla,fused --matmul xla,pallas --command_buffers while --runs 4 --loops jit ;;
     decode_dump)    TPS=2 decode --backend xla --command_buffers while --dump_dir /tmp/dump_w --runs 2 --loops jit ;;
