@@ -57,11 +57,12 @@ _CONFIGS = flags.DEFINE_list("configs", ["2:16"], "pallas flavour, all_reduce: k
                              " used by auto.")
 
 CHAIN = 16
+KERNELS = ("one_shot", "one_shot_ll", "two_shot")  # the pallas methods that take a tiling
 FLAVOURS = {  # child -> (XLA collectives mode, command buffers, implementations per op)
     "psum_default": ("default", "while", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
     "psum_nccl": ("nccl", "default", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
     "psum_xla_one_shot": ("one_shot", "while", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
-    "pallas": ("default", "while", {"all_reduce": ["one_shot", "two_shot", "auto"],
+    "pallas": ("default", "while", {"all_reduce": ["one_shot", "one_shot_ll", "two_shot", "auto"],
                                     "add_norm": ["one_shot", "fused"]}),
 }
 
@@ -133,13 +134,13 @@ def run_child(flavour: str, out_path: str):
   impls = [i for i in impls_by_op[_OP.value]
            if flavour != "pallas" or not _IMPLS.value or i in _IMPLS.value]
   variants = [(impl, cfg) for impl in impls
-              for cfg in (configs if impl in ("one_shot", "two_shot") and _OP.value == "all_reduce"
+              for cfg in (configs if impl in KERNELS and _OP.value == "all_reduce"
                           else configs[:1])]
   rows = []
   for tokens, hidden, nbytes in _cases(n):
     for impl, cfg in variants:
       kernel_ok = tokens <= all_reduce.MAX_TOKENS and hidden <= all_reduce.MAX_HIDDEN
-      if impl in ("one_shot", "two_shot") and not kernel_ok:
+      if impl in KERNELS and not kernel_ok:
         continue
       example = jax.ShapeDtypeStruct((tokens if kernel_ok else 1, 1, hidden), jnp.bfloat16)
       capacity = max(workspace_capacity(example, n), all_reduce.workspace_capacity(

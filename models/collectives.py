@@ -101,6 +101,7 @@ def _fused_reduce_add_norm(partial, residual, norm_w, eps, axis, ws):
 BACKENDS: dict[str, Backend] = {
     "xla": Backend(reduce_add_norm=_xla_reduce_add_norm),
     "one_shot": _kernel_backend("one_shot"),
+    "one_shot_ll": _kernel_backend("one_shot_ll"),
     "two_shot": _kernel_backend("two_shot"),
     "auto": _kernel_backend("auto"),
     "fused": Backend(_fused_reduce_add_norm, init_workspace, workspace.spec),

@@ -5,7 +5,9 @@
 `x` is this rank's (tokens, hidden) message; `ws` the persistent workspace
 (pallas_kernels.workspace), threaded through like any loop state. Methods:
 
-- `one_shot` (pallas_kernels/one_shot.py) and `two_shot` (pallas_kernels/two_shot.py);
+- `one_shot` (pallas_kernels/one_shot.py), `one_shot_ll` (pallas_kernels/one_shot_ll.py: flags
+  inside the data, no fence or flag round trip; for small messages) and `two_shot`
+  (pallas_kernels/two_shot.py);
 - `xla`: `lax.psum`, leaving the workspace untouched;
 - `auto`: picks by message size and TP degree from `THRESHOLDS`.
 
@@ -22,10 +24,11 @@ from jax import lax
 
 from pallas_kernels import common
 from pallas_kernels import one_shot as one_shot_lib
+from pallas_kernels import one_shot_ll as one_shot_ll_lib
 from pallas_kernels import two_shot as two_shot_lib
 from pallas_kernels.workspace import Workspace
 
-METHODS = ("auto", "one_shot", "two_shot", "xla")
+METHODS = ("auto", "one_shot", "one_shot_ll", "two_shot", "xla")
 MAX_TOKENS = 256
 MAX_HIDDEN = 16384
 
@@ -44,15 +47,18 @@ THRESHOLDS: dict[int, tuple[int, int]] = {
 }
 
 _KERNELS = {"one_shot": (one_shot_lib.one_shot, one_shot_lib.reference),
+            "one_shot_ll": (one_shot_ll_lib.one_shot_ll, one_shot_ll_lib.reference),
             "two_shot": (two_shot_lib.two_shot, two_shot_lib.reference)}
 _warned_cpu = False
 
 
 def workspace_capacity(tokens: int, hidden: int, dtype, n: int,
                        config: common.Config = common.Config()) -> int:
-  """Workspace elements that carry a (tokens, hidden) message through either kernel."""
+  """Workspace elements that carry a (tokens, hidden) message through every kernel
+  (one_shot_ll's lines take twice the padded message)."""
   quantum = config.chunk(dtype) * n
-  return -(-tokens * hidden // quantum) * quantum
+  ll = one_shot_ll_lib.chunk(config, dtype)
+  return max(-(-tokens * hidden // quantum) * quantum, 2 * (-(-tokens * hidden // ll) * ll))
 
 
 def fits(x: jax.Array, ws: Workspace) -> bool:

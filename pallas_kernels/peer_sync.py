@@ -93,25 +93,35 @@ def epoch_flag_exchange(num_ranks: int, waits: int = 1, phase: int = 0):
       for ref in flag_on_peer:
         _utils.inline_ptx("st.relaxed.sys.global.b32 [$0], $1;", _element_ptr(ref, 0), epoch,
                           has_side_effects=True)
-      limit = _utils.c(SPIN_LIMIT, i32)
       for row in my_flags:
         for p in range(num_ranks):  # acquire: wait until rank p published this epoch
-          spin = scf.WhileOp([i32], [_utils.c(0, i32)])
-          before = spin.before.blocks.append(i32)
-          with ir.InsertionPoint(before):
-            seen = _utils.inline_ptx("ld.relaxed.sys.global.b32 $0, [$1];", _element_ptr(row, p),
-                                     result_types=i32, has_side_effects=True)
-            waiting = arith.cmpi(arith.CmpIPredicate.ult, seen, epoch)
-            polls = before.arguments[0]
-            patient = arith.cmpi(arith.CmpIPredicate.ult, polls, limit)
-            scf.condition(arith.andi(waiting, patient), [polls])
-          after = spin.after.blocks.append(i32)
-          with ir.InsertionPoint(after):
-            scf.yield_([arith.addi(after.arguments[0], _utils.c(1, i32))])
-          # A flag that never came (a broken protocol) traps: an error, not a hung GPU.
-          lost = arith.cmpi(arith.CmpIPredicate.uge, spin.results[0], limit)
-          _utils.inline_ptx("trap;", predicate=lost, has_side_effects=True)
+          spin_until(lambda: [_utils.inline_ptx(
+                         "ld.relaxed.sys.global.b32 $0, [$1];", _element_ptr(row, p),
+                         result_types=i32, has_side_effects=True)],
+                     lambda seen: arith.cmpi(arith.CmpIPredicate.uge, seen, epoch), [i32])
       _utils.inline_ptx("fence.acq_rel.sys;", has_side_effects=True)
     _utils.warpgroup_barrier()
 
   return exchange
+
+
+def spin_until(load, ready, types: Sequence[ir.Type]) -> list[ir.Value]:
+  """In Mosaic GPU code: repeats `load()` (values of `types`) until `ready(*values)`; returns
+  the values that satisfied it. After SPIN_LIMIT polls the thread traps: a value that never
+  comes (a broken protocol) fails the call instead of hanging the GPU."""
+  i32 = ir.IntegerType.get_signless(32)
+  spin = scf.WhileOp([i32, *types], [_utils.c(0, i32)])
+  before = spin.before.blocks.append(i32)
+  with ir.InsertionPoint(before):
+    values = load()
+    polls = before.arguments[0]
+    waiting = arith.xori(ready(*values), _utils.c(1, ir.IntegerType.get_signless(1)))
+    patient = arith.cmpi(arith.CmpIPredicate.ult, polls, _utils.c(SPIN_LIMIT, i32))
+    scf.condition(arith.andi(waiting, patient), [polls, *values])
+  after = spin.after.blocks.append(i32, *types)
+  with ir.InsertionPoint(after):
+    scf.yield_([arith.addi(after.arguments[0], _utils.c(1, i32))])
+  values = list(spin.results[1:])
+  lost = arith.xori(ready(*values), _utils.c(1, ir.IntegerType.get_signless(1)))
+  _utils.inline_ptx("trap;", predicate=lost, has_side_effects=True)
+  return values

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from pallas_kernels import all_reduce, lowering_checks, workspace
 
-METHODS = ["one_shot", "two_shot", "auto", "xla"]
+METHODS = ["one_shot", "one_shot_ll", "two_shot", "auto", "xla"]
 
 
 def _mesh(n, devices=None):
@@ -62,7 +62,7 @@ def test_reference_path_matches_rank_order_sum(n, method, shape, dtype):
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
-@pytest.mark.parametrize("method", ["one_shot", "two_shot"])
+@pytest.mark.parametrize("method", ["one_shot", "one_shot_ll", "two_shot"])
 @pytest.mark.parametrize("shape,dtype", [((1, 4096), jnp.bfloat16), ((3, 576), jnp.bfloat16),
                                          ((256, 16384), jnp.bfloat16), ((8, 8192), jnp.float32)])
 def test_kernels_lower_for_cuda_without_multicast(n, method, shape, dtype):

@@ -32,8 +32,8 @@ def test_bench_allreduce(tmp_path):
   rows = _run(tmp_path, "bench_allreduce", "--tp=2", "--min_bytes=8192", "--max_bytes=16384",
               "--iters=2", "--runs=2", "--flavours=pallas,psum_default")
   got = sorted((r["impl"], r["bytes"]) for r in rows)
-  assert got == sorted((i, b) for i in ("one_shot", "two_shot", "auto", "psum_default")
-                       for b in (8192, 16384))
+  impls = ("one_shot", "one_shot_ll", "two_shot", "auto", "psum_default")
+  assert got == sorted((i, b) for i in impls for b in (8192, 16384))
   assert all(r["loop_us"] > 0 and r["error"] is None for r in rows)
 
 

@@ -39,7 +39,7 @@ def _run(n, method, shape, dtype, calls=1, seed=0):
   return [np.asarray(a, np.float32).reshape(n, *shape) for a in (y, ref, psum)]
 
 
-@pytest.mark.parametrize("method", ["one_shot", "two_shot"])
+@pytest.mark.parametrize("method", ["one_shot", "one_shot_ll", "two_shot"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference_and_psum_on_every_rank(method, dtype, shape):
@@ -52,7 +52,7 @@ def test_matches_reference_and_psum_on_every_rank(method, dtype, shape):
     np.testing.assert_allclose(y, psum, rtol=tol, atol=tol * n)
 
 
-@pytest.mark.parametrize("method", ["one_shot", "two_shot"])
+@pytest.mark.parametrize("method", ["one_shot", "one_shot_ll", "two_shot"])
 def test_ten_thousand_back_to_back_calls(method):
   """10,000 calls with changing data in one jitted loop, then 200 separately jitted calls
   (donated workspace across executables): every result equals the reference chain."""

@@ -43,7 +43,7 @@ def test_smollm2_tp1_equals_tp2_on_gpus():
 
 
 @pytest.mark.gpu(count=2)
-@pytest.mark.parametrize("backend", ["one_shot", "fused"])
+@pytest.mark.parametrize("backend", ["one_shot", "one_shot_ll", "fused"])
 def test_smollm2_kernel_backends_equal_xla_at_tp2(backend):
   _, ref = _generate(2, "jit", "xla")
   tok, got = _generate(2, "jit", backend)

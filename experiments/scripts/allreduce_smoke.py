@@ -31,7 +31,7 @@ def sm(f, ins, outs, donate):
                  donate_argnums=donate)
 
 
-for method in ("one_shot", "two_shot"):
+for method in ("one_shot", "one_shot_ll", "two_shot"):
   ws = workspace.init(mesh, "tp", cap, dt)
   f = sm(lambda x, ws: (*all_reduce.all_reduce(x, ws, "tp", method), common.reference(x, "tp")),
          (P("tp"), spec), (P("tp"), spec, P("tp")), 1)
@@ -61,7 +61,7 @@ if "--no-timing" in sys.argv:
 
 # Decode-shaped timing: 16 chained reduce+add+norm per iteration, per backend.
 iters, chain = 200, 16
-for backend in ("xla", "one_shot", "fused"):
+for backend in ("xla", "one_shot", "one_shot_ll", "fused"):
   impl = BACKENDS[backend]
   state = impl.init_state(mesh, "tp", jax.ShapeDtypeStruct((1, 1, 4096), dt)) if backend != "xla" else None
 
