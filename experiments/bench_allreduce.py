@@ -82,7 +82,7 @@ def _apply_thresholds():
     rows = json.load(open(_FROM.value))["results"]
     all_reduce.THRESHOLDS[_TP.value] = thresholds.derive(rows, _TP.value)
   return {"thresholds_from": _FROM.value,
-          "thresholds": {str(k): list(v) for k, v in all_reduce.THRESHOLDS.items()}}
+          "thresholds": {str(k): [list(r) for r in v] for k, v in all_reduce.THRESHOLDS.items()}}
 
 
 def _shape(nbytes: int) -> tuple[int, int]:

@@ -32,18 +32,20 @@ METHODS = ("auto", "one_shot", "one_shot_ll", "two_shot", "xla")
 MAX_TOKENS = 256
 MAX_HIDDEN = 16384
 
-# Largest message (bytes per rank) each kernel takes under `auto`, by TP degree.
+# `auto`'s choice by TP degree: (method, largest message in bytes per rank) ranges in
+# ascending order; a message takes the first range that holds it, beyond the last psum.
 # TP=2: derived by experiments/thresholds.derive from the 2xH200 sweep
 # experiments/results/allreduce/20261122T012716968907Z.json: one-shot is the fastest up to
 # 128 KiB (8.2-9.7 us per op against 14.6-16.6 us for psum), two-shot never beats it
 # there, and above 128 KiB the kernels were not measured (the sweep aborted at 256 KiB,
 # docs/allreduce.md), so psum takes over; auto with these values:
-# .../allreduce/20261122T012834635109Z.json. TP=4 and TP=8 (not measured: no such
-# machine lent yet) follow XLA's built-in NVLink kernel limits.
-THRESHOLDS: dict[int, tuple[int, int]] = {
-    2: (128 << 10, 128 << 10),
-    4: (256 << 10, 2 << 20),
-    8: (128 << 10, 2 << 20),
+# .../allreduce/20261122T012834635109Z.json. one_shot_ll is not measured yet, so no range
+# uses it. TP=4 and TP=8 (not measured: no such machine lent yet) follow XLA's built-in
+# NVLink kernel limits.
+THRESHOLDS: dict[int, tuple[tuple[str, int], ...]] = {
+    2: (("one_shot", 128 << 10),),
+    4: (("one_shot", 256 << 10), ("two_shot", 2 << 20)),
+    8: (("one_shot", 128 << 10), ("two_shot", 2 << 20)),
 }
 
 _KERNELS = {"one_shot": (one_shot_lib.one_shot, one_shot_lib.reference),
@@ -69,11 +71,9 @@ def fits(x: jax.Array, ws: Workspace) -> bool:
 
 def select(nbytes: int, n: int) -> str:
   """The method `auto` uses for a message of `nbytes` per rank over `n` ranks."""
-  one, two = THRESHOLDS.get(n, THRESHOLDS[max(THRESHOLDS)])
-  if nbytes <= one:
-    return "one_shot"
-  if nbytes <= two:
-    return "two_shot"
+  for method, largest in THRESHOLDS.get(n, THRESHOLDS[max(THRESHOLDS)]):
+    if nbytes <= largest:
+      return method
   return "xla"
 
 

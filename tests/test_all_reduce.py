@@ -164,24 +164,27 @@ def test_message_larger_than_workspace():
 
 @pytest.mark.parametrize("n", sorted(all_reduce.THRESHOLDS))
 def test_auto_thresholds_pick_by_size(n):
-  one, two = all_reduce.THRESHOLDS[n]
-  assert all_reduce.select(4 << 10, n) == all_reduce.select(one, n) == "one_shot"
-  assert all_reduce.select(two + 1, n) == all_reduce.select(64 << 20, n) == "xla"
-  if two > one:
-    assert all_reduce.select(one + 1, n) == all_reduce.select(two, n) == "two_shot"
+  ranges = all_reduce.THRESHOLDS[n]
+  assert all_reduce.select(1, n) == ranges[0][0]
+  for (method, largest), (after, _) in zip(ranges, ranges[1:] + (("xla", 0),)):
+    assert all_reduce.select(largest, n) == method and all_reduce.select(largest + 1, n) == after
+  assert all_reduce.select(64 << 20, n) == "xla"
 
 
 def test_thresholds_derived_from_measured_rows():
   from experiments.thresholds import derive
-  us = {  # bytes -> (one_shot, two_shot, psum_default) loop µs
-      8192: (8, 11, 15), 65536: (9, 11, 15), 262144: (14, 12, 15), 1 << 20: (30, 19, 20),
-      4 << 20: (90, 45, 37)}
+  impls = ("one_shot_ll", "one_shot", "two_shot", "psum_default")
+  us = {  # bytes -> loop µs per impl (None: not measured)
+      8192: (6, 8, 11, 15), 65536: (10, 9, 11, 15), 262144: (20, 14, 12, 15),
+      1 << 20: (None, 30, 19, 20), 2 << 20: (None, 40, 21, 20), 4 << 20: (None, 90, 45, 37)}
   rows = [{"op": "all_reduce", "tp": 2, "impl": impl, "bytes": b, "loop_us": v}
-          for b, vals in us.items() for impl, v in zip(("one_shot", "two_shot", "psum_default"), vals)]
+          for b, vals in us.items() for impl, v in zip(impls, vals)]
   rows.append({"op": "all_reduce", "tp": 2, "impl": "psum_default", "bytes": 8 << 20,
                "loop_us": None})  # a failed case is ignored
-  assert derive(rows, 2) == (65536, 1 << 20)
-  with pytest.raises(ValueError, match="no size with one_shot, two_shot and psum_default"):
+  assert derive(rows, 2) == (("one_shot_ll", 8192), ("one_shot", 65536), ("two_shot", 1 << 20))
+  older = [r for r in rows if r["impl"] != "one_shot_ll"]  # records from before the LL kernel
+  assert derive(older, 2) == (("one_shot", 65536), ("two_shot", 1 << 20))
+  with pytest.raises(ValueError, match="no size with psum_default and a kernel measured"):
     derive(rows, 4)
 
 
