@@ -16,6 +16,10 @@ for step in "$@"; do
   echo "=== $step"
   case $step in
     tests)          TEST_TIMEOUT=420 bash experiments/scripts/gpu_tests.sh -m gpu tests ;;
+    tests_comm)     TEST_LOG=comm TEST_TIMEOUT=500 bash experiments/scripts/gpu_tests.sh -m gpu \
+                      tests/test_gpu_all_reduce.py tests/test_gpu_fused.py ;;
+    tests_model)    TEST_LOG=model TEST_TIMEOUT=500 bash experiments/scripts/gpu_tests.sh -m gpu \
+                      tests/test_gpu_decode.py tests/test_gpu_gemv.py ;;
     smoke)          timeout 170 python3 experiments/scripts/allreduce_smoke.py 2>&1 | grep -v "^I1\|^W1" ;;
     sanitize)       bash experiments/scripts/sanitize.sh ;;
     tune)           bench 200 bench_allreduce --tp "${TP:-2}" --flavours pallas --impls one_shot,two_shot \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the test suite on the GPU machine with a provenance header; output goes to $OUT.
 source experiments/scripts/gpu_env.sh
-log=$OUT/pytest_gpu.log
+log=$OUT/pytest_gpu_${TEST_LOG:-all}.log
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "git_sha: ${TPDECODE_GIT_SHA:-unknown}"
