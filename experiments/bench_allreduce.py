@@ -63,7 +63,8 @@ FLAVOURS = {  # child -> (XLA collectives mode, command buffers, implementations
     "psum_nccl": ("nccl", "default", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
     "psum_xla_one_shot": ("one_shot", "while", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
     "pallas": ("default", "while", {"all_reduce": ["one_shot", "one_shot_ll", "two_shot", "auto"],
-                                    "add_norm": ["one_shot", "fused"]}),
+                                    "add_norm": ["one_shot", "one_shot_ll", "fused",
+                                                 "fused_ll"]}),
 }
 
 

@@ -78,7 +78,7 @@ def workspace_capacity(example, n: int) -> int:
   over `n` ranks."""
   b, _, d = example.shape
   return max(all_reduce.workspace_capacity(b, d, example.dtype, n),
-             b * fused_add_norm.padded_hidden(d))
+             fused_add_norm.PROTOCOLS["ll"] * b * fused_add_norm.padded_hidden(d))
 
 
 def init_workspace(mesh, axis, example):
@@ -87,15 +87,20 @@ def init_workspace(mesh, axis, example):
                         example.dtype)
 
 
-def _fused_reduce_add_norm(partial, residual, norm_w, eps, axis, ws):
+def _fused_backend(protocol: str) -> Backend:
   """All-reduce, add and norm in one kernel (pallas_kernels/fused_add_norm.py)."""
-  b, t, d = partial.shape
-  if not fused_add_norm.fits(b * t, d, ws):
-    return _xla_reduce_add_norm(partial, residual, norm_w, eps, axis, ws)
-  with jax.named_scope("all_reduce"):
-    normed, new_residual, ws = fused_add_norm.all_reduce_add_norm(
-        partial.reshape(b * t, d), residual.reshape(b * t, d), norm_w, ws, axis, eps)
-  return normed.reshape(b, t, d), new_residual.reshape(b, t, d), ws
+
+  def reduce_add_norm(partial, residual, norm_w, eps, axis, ws):
+    b, t, d = partial.shape
+    if not fused_add_norm.fits(b * t, d, ws, protocol):
+      return _xla_reduce_add_norm(partial, residual, norm_w, eps, axis, ws)
+    with jax.named_scope("all_reduce"):
+      normed, new_residual, ws = fused_add_norm.all_reduce_add_norm(
+          partial.reshape(b * t, d), residual.reshape(b * t, d), norm_w, ws, axis, eps,
+          protocol=protocol)
+    return normed.reshape(b, t, d), new_residual.reshape(b, t, d), ws
+
+  return Backend(reduce_add_norm, init_workspace, workspace.spec)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -104,7 +109,8 @@ BACKENDS: dict[str, Backend] = {
     "one_shot_ll": _kernel_backend("one_shot_ll"),
     "two_shot": _kernel_backend("two_shot"),
     "auto": _kernel_backend("auto"),
-    "fused": Backend(_fused_reduce_add_norm, init_workspace, workspace.spec),
+    "fused": _fused_backend("flags"),
+    "fused_ll": _fused_backend("ll"),
 }
 
 

@@ -18,6 +18,11 @@ every block of its row group (between them they pushed whole rows), then compute
 row's sum of squares over the full row (a redundant read of the row from its own memory,
 mostly from L2) and writes its own tiles of both outputs.
 
+With `protocol="ll"` the exchange uses one_shot_ll's tagged lines instead of epoch flags:
+each block pushes its tiles as lines, then polls the whole rows of its group and writes
+their new residual itself (every block of a group writes the same values), so no fence and
+no flag round trip; the workspace slots must hold twice the padded message.
+
     normed, new_residual, ws = all_reduce_add_norm(partial, residual, weight, ws, "tp", eps)
 """
 
@@ -30,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import all_reduce as all_reduce_lib
-from pallas_kernels import common, peer_sync
+from pallas_kernels import common, one_shot_ll, peer_sync
 from pallas_kernels.workspace import MAX_BLOCKS, Workspace
 
 VECTOR = 8 * common.THREADS  # bf16 elements in one 16-byte vector per thread
@@ -53,9 +58,12 @@ def grid(tokens: int, width: int, config: common.Config) -> tuple[int, int, int,
   return row_blocks, tokens // row_blocks, col_blocks, tiles // col_blocks
 
 
-def fits(tokens: int, hidden: int, ws: Workspace) -> bool:
+PROTOCOLS = {"flags": 1, "ll": 2}  # exchange protocol -> workspace elements per message element
+
+
+def fits(tokens: int, hidden: int, ws: Workspace, protocol: str = "flags") -> bool:
   """Whether a (tokens, hidden) message fits the workspace once its rows are padded."""
-  return tokens * padded_hidden(hidden) <= ws.slots.shape[-1]
+  return PROTOCOLS[protocol] * tokens * padded_hidden(hidden) <= ws.slots.shape[-1]
 
 
 def reference(partial, residual, weight, axis: str, eps: float):
@@ -123,22 +131,68 @@ def _body(n: int, axis: str, hidden: int, width: int, eps: float, tiling):
   return body
 
 
+def _body_ll(n: int, axis: str, hidden: int, width: int, eps: float, tiling, dtype):
+  _, rows, col_blocks, own = tiling
+  per_thread = lambda elems: elems * jnp.dtype(dtype).itemsize // (common.THREADS
+                                                                   * one_shot_ll.UNIT_BYTES)
+  send = one_shot_ll.push(n, per_thread(own * VECTOR))
+  receive = one_shot_ll.reduce(n, per_thread(width), dtype, residual=True)
+  tiles = width // VECTOR
+
+  def body(x_ref, res_ref, w_ref, epoch_ref, _slots_in, _flags_in,
+           out_ref, new_res_ref, slots_ref, _flags, epoch_out):
+    me = lax.axis_index(axis)
+    b = lax.axis_index("blocks")
+    s = common.advance_epoch(epoch_ref, epoch_out, b)
+    group, cb = b // col_blocks, lax.rem(b, col_blocks)
+    first, first_tile = group * rows, cb * own
+
+    def col(t):
+      return pl.ds(t * VECTOR, VECTOR)
+
+    @pl.loop(first, first + rows)
+    def _push(row):  # this block's tiles of the row, as lines into every rank's slots
+      lines = pl.ds(2 * (row * width + first_tile * VECTOR), 2 * own * VECTOR)
+      send(epoch_ref, x_ref.at[row, pl.ds(first_tile * VECTOR, own * VECTOR)],
+           *[plgpu.remote_ref(slots_ref.at[s, me, lines], lax.rem(me + k, n)) for k in range(n)])
+
+    @pl.loop(first, first + rows)
+    def _add_norm(row):
+      whole = pl.ds(2 * row * width, 2 * width)  # the whole row's lines from every rank
+      receive(epoch_ref, new_res_ref.at[row], *[slots_ref.at[s, p, whole] for p in range(n)],
+              res_ref.at[row])
+      sum_sq = jnp.float32(0.0)
+      for t in range(tiles):  # the whole row, in the same order on every block and rank
+        r32 = new_res_ref[row, col(t)].astype(jnp.float32)
+        sum_sq = sum_sq + jnp.sum(r32 * r32)
+      inv = lax.rsqrt(sum_sq / hidden + eps)
+
+      @pl.loop(first_tile, first_tile + own)
+      def _write(t):
+        out_ref[row, col(t)] = (new_res_ref[row, col(t)].astype(jnp.float32) * inv
+                                * w_ref[col(t)].astype(jnp.float32)).astype(out_ref.dtype)
+
+  return body
+
+
 def _kernel_call(partial, residual, weight, ws: Workspace, axis: str, eps: float,
-                 config: common.Config):
+                 config: common.Config, protocol: str):
   n = lax.axis_size(axis)
   tokens, hidden = partial.shape
   width = padded_hidden(hidden)
-  if not fits(tokens, hidden, ws) or ws.slots.dtype != partial.dtype:
+  if not fits(tokens, hidden, ws, protocol) or ws.slots.dtype != partial.dtype:
     raise ValueError(f"workspace slots {ws.slots.shape} {ws.slots.dtype} cannot carry a"
-                     f" ({tokens}, {width}) {partial.dtype} message")
+                     f" ({tokens}, {width}) {partial.dtype} message with protocol {protocol!r}")
   if width != hidden:
     pad = ((0, 0), (0, width - hidden))
     partial, residual = jnp.pad(partial, pad), jnp.pad(residual, pad)
     weight = jnp.pad(weight, pad[1])
   tiling = grid(tokens, width, config)
   dt = partial.dtype
+  body = (_body(n, axis, hidden, width, eps, tiling) if protocol == "flags" else
+          _body_ll(n, axis, hidden, width, eps, tiling, dt))
   kernel = peer_sync.aliased_kernel(
-      _body(n, axis, hidden, width, eps, tiling),
+      body,
       (jax.ShapeDtypeStruct((tokens, width), dt), jax.ShapeDtypeStruct((tokens, width), dt),
        jax.ShapeDtypeStruct(ws.slots.shape, dt), jax.ShapeDtypeStruct(ws.flags.shape, jnp.int32),
        jax.ShapeDtypeStruct(ws.epoch.shape, jnp.int32)),
@@ -149,8 +203,11 @@ def _kernel_call(partial, residual, weight, ws: Workspace, axis: str, eps: float
 
 
 def all_reduce_add_norm(partial, residual, weight, ws: Workspace, axis: str, eps: float,
-                        config: common.Config = CONFIG):
-  """(normed, new_residual, workspace) for (tokens, hidden) inputs; call inside shard_map."""
+                        config: common.Config = CONFIG, protocol: str = "flags"):
+  """(normed, new_residual, workspace) for (tokens, hidden) inputs; call inside shard_map.
+  `protocol`: "flags" (epoch flags) or "ll" (tagged lines, see the module docstring)."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, found {protocol!r}")
   n = all_reduce_lib.check(partial, axis, "one_shot")
   if residual.shape != partial.shape or residual.dtype != partial.dtype:
     raise ValueError(f"residual {residual.shape} {residual.dtype} must match the partial output"
@@ -162,7 +219,7 @@ def all_reduce_add_norm(partial, residual, weight, ws: Workspace, axis: str, eps
   all_reduce_lib.note_reference("fused")
 
   def on_gpu(partial, residual, weight, ws):
-    return _kernel_call(partial, residual, weight, ws, axis, eps, config)
+    return _kernel_call(partial, residual, weight, ws, axis, eps, config, protocol)
 
   def elsewhere(partial, residual, weight, ws):
     return (*reference(partial, residual, weight, axis, eps), ws._replace(epoch=ws.epoch + 1))

@@ -45,40 +45,58 @@ def chunk(config: common.Config, dtype) -> int:
   return common.THREADS * config.vectors * UNIT_BYTES // jnp.dtype(dtype).itemsize
 
 
-def _lines(n: int, units: int, dtype):
-  """f(epoch, x, y, *outs (n), *ins (n)) for a kernel body: x's `units` 8-byte units per
-  thread go as lines to outs[k] (this rank's row on rank me+k); y gets the rank-order sum
-  of the lines arriving in ins[p] (rank p's row here)."""
-  is_bf16 = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+def _context(epoch_ref):
+  """Per-thread values both halves of the protocol use: (tag, thread index, at(base, j,
+  width) -> the address of this thread's unit j at `width` bytes per unit)."""
+  i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+  epoch = arith.addi(memref.load(epoch_ref, [_u.c(0, ir.IndexType.get())]), _u.c(1, i32))
+  tag = arith.ori(arith.andi(epoch, _u.c(0xFFFFF, i32)), _u.c(TAG_BITS - (1 << 32), i32))
+  tid = arith.extui(i64, _u.thread_idx())
+  ptr_ty = _u.memref_ptr(epoch_ref).type
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * (3 + 2 * n))
-  def run(ctx, epoch_ref, x_ref, y_ref, *slots):
+  def at(ref, j, width):  # coalesced: unit j of thread t is unit j * THREADS + t of the ref
+    unit = arith.addi(arith.muli(arith.extui(i64, j), _u.c(common.THREADS, i64)), tid)
+    addr = arith.addi(llvm.ptrtoint(i64, _u.memref_ptr(ref)), arith.muli(unit, _u.c(width, i64)))
+    return llvm.inttoptr(ptr_ty, addr)
+
+  return tag, at
+
+
+def push(n: int, units: int):
+  """f(epoch, src, *outs (n)) for a kernel body: every thread sends `units` 8-byte units of
+  `src` as tagged lines to each of `outs` (this rank's lines on rank me+k)."""
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * (2 + n))
+  def run(ctx, epoch_ref, src, *outs):
     del ctx
-    outs, ins = slots[:n], slots[n:]
-    i32, i64, f32 = (ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64),
-                     ir.F32Type.get())
-    c32 = lambda v: _u.c(v, i32)
-    epoch = arith.addi(memref.load(epoch_ref, [_u.c(0, ir.IndexType.get())]), c32(1))
-    tag = arith.ori(arith.andi(epoch, c32(0xFFFFF)), c32(TAG_BITS - (1 << 32)))
-    tid = arith.extui(i64, _u.thread_idx())
-    base = lambda ref: llvm.ptrtoint(i64, _u.memref_ptr(ref))
-    x, y = base(x_ref), base(y_ref)
-    out_bases, in_bases = [base(r) for r in outs], [base(r) for r in ins]
-    ptr_ty = _u.memref_ptr(x_ref).type
-
-    def at(addr_base, j, width):  # the address of thread unit j: coalesced across threads
-      unit = arith.addi(arith.muli(arith.extui(i64, j), _u.c(common.THREADS, i64)), tid)
-      offset = arith.muli(unit, _u.c(width, i64))
-      return llvm.inttoptr(ptr_ty, arith.addi(addr_base, offset))
+    i32 = ir.IntegerType.get_signless(32)
+    tag, at = _context(epoch_ref)
 
     @_u.fori(_u.c(units, i32), [])
     def _push(j, _):
-      d0, d1 = _u.inline_ptx("ld.global.v2.b32 {$0, $1}, [$2];", at(x, j, UNIT_BYTES),
+      d0, d1 = _u.inline_ptx("ld.global.v2.b32 {$0, $1}, [$2];", at(src, j, UNIT_BYTES),
                              result_types=[i32, i32], has_side_effects=True)
-      for out in out_bases:
+      for out in outs:
         _u.inline_ptx("st.volatile.global.v4.b32 [$0], {$1, $2, $3, $4};",
                       at(out, j, 2 * UNIT_BYTES), d0, tag, d1, tag, has_side_effects=True)
       return []
+
+  return run
+
+
+def reduce(n: int, units: int, dtype, residual: bool = False):
+  """f(epoch, dst, *ins (n)[, res]) for a kernel body: every thread waits for its `units`
+  lines from each rank (ins[p]: rank p's lines here), sums them in rank order in f32, adds
+  `res` (same layout as dst) if `residual`, and stores the sum rounded once to `dst`; then
+  the warpgroup synchronizes, so the block may read all of `dst`."""
+  is_bf16 = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * (2 + n + residual))
+  def run(ctx, epoch_ref, dst, *refs):
+    del ctx
+    ins, res = refs[:n], (refs[n] if residual else None)
+    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+    tag, at = _context(epoch_ref)
 
     def arrived(_d0, f0, _d1, f1):
       return arith.andi(arith.cmpi(arith.CmpIPredicate.eq, f0, tag),
@@ -87,8 +105,8 @@ def _lines(n: int, units: int, dtype):
     def floats(word):  # one 32-bit word -> its f32 values (two for a bf16 pair)
       if not is_bf16:
         return [arith.bitcast(f32, word)]
-      lo = arith.shli(word, c32(16))
-      hi = arith.andi(word, c32(0xFFFF0000 - (1 << 32)))
+      lo = arith.shli(word, _u.c(16, i32))
+      hi = arith.andi(word, _u.c(0xFFFF0000 - (1 << 32), i32))
       return [arith.bitcast(f32, lo), arith.bitcast(f32, hi)]
 
     def packed(values):  # f32 values -> one 32-bit word, rounded to nearest even
@@ -97,10 +115,14 @@ def _lines(n: int, units: int, dtype):
       lo, hi = values
       return _u.inline_ptx("cvt.rn.bf16x2.f32 $0, $1, $2;", hi, lo, result_types=i32)
 
+    def load8(ref, j):
+      return _u.inline_ptx("ld.global.v2.b32 {$0, $1}, [$2];", at(ref, j, UNIT_BYTES),
+                           result_types=[i32, i32], has_side_effects=True)
+
     @_u.fori(_u.c(units, i32), [])
     def _reduce(j, _):
       acc = None
-      for src in in_bases:  # rank order: bitwise the same sum on every rank
+      for src in ins:  # rank order: bitwise the same sum on every rank
         addr = at(src, j, 2 * UNIT_BYTES)
         d0, _f0, d1, _f1 = peer_sync.spin_until(
             lambda: list(_u.inline_ptx("ld.volatile.global.v4.b32 {$0, $1, $2, $3}, [$4];", addr,
@@ -108,26 +130,30 @@ def _lines(n: int, units: int, dtype):
             arrived, [i32] * 4)
         vals = floats(d0) + floats(d1)
         acc = vals if acc is None else [arith.addf(a, v) for a, v in zip(acc, vals)]
+      if residual:
+        r0, r1 = load8(res, j)
+        acc = [arith.addf(r, a) for r, a in zip(floats(r0) + floats(r1), acc)]
       half = len(acc) // 2
-      w0, w1 = packed(acc[:half]), packed(acc[half:])
-      _u.inline_ptx("st.global.v2.b32 [$0], {$1, $2};", at(y, j, UNIT_BYTES), w0, w1,
-                    has_side_effects=True)
+      _u.inline_ptx("st.global.v2.b32 [$0], {$1, $2};", at(dst, j, UNIT_BYTES),
+                    packed(acc[:half]), packed(acc[half:]), has_side_effects=True)
       return []
+
+    _u.warpgroup_barrier()
 
   return run
 
 
 def _body(n: int, axis: str, span: int, units: int, dtype):
-  lines = _lines(n, units, dtype)
+  send, receive = push(n, units), reduce(n, units, dtype)
 
   def body(x_ref, epoch_ref, _slots_in, _flags_in, y_ref, slots_ref, _flags, epoch_out):
     me = lax.axis_index(axis)
     b = lax.axis_index("blocks")
     s = common.advance_epoch(epoch_ref, epoch_out, b)
     mine, rows = pl.ds(b * span, span), pl.ds(2 * b * span, 2 * span)
-    outs = [plgpu.remote_ref(slots_ref.at[s, me, rows], lax.rem(me + k, n)) for k in range(n)]
-    ins = [slots_ref.at[s, p, rows] for p in range(n)]
-    lines(epoch_ref, x_ref.at[mine], y_ref.at[mine], *outs, *ins)
+    send(epoch_ref, x_ref.at[mine],
+         *[plgpu.remote_ref(slots_ref.at[s, me, rows], lax.rem(me + k, n)) for k in range(n)])
+    receive(epoch_ref, y_ref.at[mine], *[slots_ref.at[s, p, rows] for p in range(n)])
 
   return body
 

@@ -17,18 +17,19 @@ def _mesh(n):
   return Mesh(np.array(jax.devices()[:n]), ("tp",))
 
 
-def _fn(mesh, eps=1e-5):
+def _fn(mesh, eps=1e-5, protocol="flags"):
   spec = workspace.spec("tp")
 
   def f(partial, residual, weight, ws):
-    return fused_add_norm.all_reduce_add_norm(partial, residual, weight, ws, "tp", eps)
+    return fused_add_norm.all_reduce_add_norm(partial, residual, weight, ws, "tp", eps,
+                                              protocol=protocol)
   return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("tp"), P("tp"), P(), spec),
                                out_specs=(P("tp"), P("tp"), spec), check_vma=False),
                  donate_argnums=3)
 
 
-def _ws(mesh, n, tokens, hidden, dtype, abstract=False):
-  cap = tokens * fused_add_norm.padded_hidden(hidden)
+def _ws(mesh, n, tokens, hidden, dtype, abstract=False, protocol="flags"):
+  cap = fused_add_norm.PROTOCOLS[protocol] * tokens * fused_add_norm.padded_hidden(hidden)
   if abstract:
     return workspace.Workspace(jax.ShapeDtypeStruct((n * 2, n, cap), dtype),
                                jax.ShapeDtypeStruct((n * workspace.MAX_BLOCKS, 2, n), jnp.int32),
@@ -56,14 +57,16 @@ def test_reference_equals_psum_add_norm(n, shape):
   assert np.asarray(ws.epoch).tolist() == [1] * n
 
 
+@pytest.mark.parametrize("protocol", sorted(fused_add_norm.PROTOCOLS))
 @pytest.mark.parametrize("dt", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("n", [2, 4, 8])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_lowers_for_cuda_without_multicast(n, shape, dt):
+def test_lowers_for_cuda_without_multicast(n, shape, dt, protocol):
   mesh = _mesh(n)
   x = jax.ShapeDtypeStruct((n * shape[0], shape[1]), dt)
   w = jax.ShapeDtypeStruct((shape[1],), dt)
-  text = lowering_checks.lower_for_cuda(_fn(mesh), x, x, w, _ws(mesh, n, *shape, dt, abstract=True))
+  ws = _ws(mesh, n, *shape, dt, abstract=True, protocol=protocol)
+  text = lowering_checks.lower_for_cuda(_fn(mesh, protocol=protocol), x, x, w, ws)
   calls = lowering_checks.mosaic_calls(text)
   assert len(calls) == 1 and "output_operand_aliases" in calls[0]
   assert lowering_checks.multicast_uses(text) == []
@@ -92,3 +95,15 @@ def test_grid_spreads_a_row_over_column_blocks(tokens, hidden, expected):
   row_groups, rows, col_blocks, own = got
   assert row_groups * rows == tokens and col_blocks * own * fused_add_norm.VECTOR == width
   assert row_groups * col_blocks <= workspace.MAX_BLOCKS
+
+
+def test_ll_needs_twice_the_workspace():
+  mesh = _mesh(2)
+  x = jax.ShapeDtypeStruct((2, 4096), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
+  with pytest.raises(ValueError, match="cannot carry a \\(1, 4096\\) bfloat16 message with protocol 'll'"):
+    lowering_checks.lower_for_cuda(_fn(mesh, protocol="ll"), x, x, w,
+                                   _ws(mesh, 2, 1, 4096, jnp.bfloat16, abstract=True))
+  with pytest.raises(ValueError, match="protocol must be one of"):
+    _fn(mesh, protocol="nccl")(jnp.zeros((2, 64)), jnp.zeros((2, 64)), jnp.zeros(64),
+                               _ws(mesh, 2, 1, 64, jnp.float32))

@@ -43,7 +43,7 @@ def test_smollm2_tp1_equals_tp2_on_gpus():
 
 
 @pytest.mark.gpu(count=2)
-@pytest.mark.parametrize("backend", ["one_shot", "one_shot_ll", "fused"])
+@pytest.mark.parametrize("backend", ["one_shot", "one_shot_ll", "fused", "fused_ll"])
 def test_smollm2_kernel_backends_equal_xla_at_tp2(backend):
   _, ref = _generate(2, "jit", "xla")
   tok, got = _generate(2, "jit", backend)
@@ -52,7 +52,7 @@ def test_smollm2_kernel_backends_equal_xla_at_tp2(backend):
 
 
 @pytest.mark.gpu(count=2)
-@pytest.mark.parametrize("backend", ["one_shot", "fused"])
+@pytest.mark.parametrize("backend", ["one_shot", "fused", "fused_ll"])
 def test_decode_loop_never_copies_the_workspace(backend):
   """The peer-write protocol needs every kernel in the decode loop to run on the carried
   workspace itself (docs/allreduce.md): XLA's optimized loop has no copy of it."""

@@ -15,13 +15,18 @@ from pallas_kernels import fused_add_norm, lowering_checks, workspace
 pytestmark = pytest.mark.gpu(count=2)
 
 
-def _build(n, tokens, hidden, steps=None):
+def _capacity(tokens, hidden, protocol):
+  return fused_add_norm.PROTOCOLS[protocol] * tokens * fused_add_norm.padded_hidden(hidden)
+
+
+def _build(n, tokens, hidden, protocol):
   mesh = make_mesh(n)
   spec = workspace.spec("tp")
-  ws = workspace.init(mesh, "tp", tokens * fused_add_norm.padded_hidden(hidden), jnp.bfloat16)
+  ws = workspace.init(mesh, "tp", _capacity(tokens, hidden, protocol), jnp.bfloat16)
 
   def once(p, r, w, ws):
-    out, new_res, ws = fused_add_norm.all_reduce_add_norm(p, r, w, ws, "tp", 1e-5)
+    out, new_res, ws = fused_add_norm.all_reduce_add_norm(p, r, w, ws, "tp", 1e-5,
+                                                          protocol=protocol)
     ref_out, ref_res = fused_add_norm.reference(p, r, w, "tp", 1e-5)
     new = (r.astype(jnp.float32) + lax.psum(p, "tp").astype(jnp.float32)).astype(r.dtype)
     return out, new_res, ref_out, ref_res, rms_norm(new, w, 1e-5), new, ws
@@ -31,11 +36,14 @@ def _build(n, tokens, hidden, steps=None):
   return f, ws
 
 
-@pytest.mark.parametrize("tokens", [1, 4, 16, 64, 128])
-@pytest.mark.parametrize("hidden", [2048, 4096, 5120, 8192])
-def test_matches_unfused_sequence(tokens, hidden):
+CASES = ([("flags", t, h) for t in (1, 4, 16, 64, 128) for h in (2048, 4096, 5120, 8192)]
+         + [("ll", t, h) for t, h in ((1, 4096), (4, 5120), (16, 8192), (64, 4096), (128, 2048))])
+
+
+@pytest.mark.parametrize("protocol,tokens,hidden", CASES)
+def test_matches_unfused_sequence(protocol, tokens, hidden):
   for n in gpu_ranks():
-    f, ws = _build(n, tokens, hidden)
+    f, ws = _build(n, tokens, hidden, protocol)
     key = jax.random.key(tokens * hidden)
     for i in range(3):
       k1, k2, k3 = jax.random.split(jax.random.fold_in(key, i), 3)
@@ -53,19 +61,21 @@ def test_matches_unfused_sequence(tokens, hidden):
       np.testing.assert_allclose(out, np.asarray(xla_out, np.float32), rtol=2e-2, atol=5e-2)
 
 
-def test_ten_thousand_back_to_back_calls():
+@pytest.mark.parametrize("protocol", sorted(fused_add_norm.PROTOCOLS))
+def test_ten_thousand_back_to_back_calls(protocol):
   for n in gpu_ranks():
     mesh = make_mesh(n)
     spec = workspace.spec("tp")
     tokens, hidden = 2, 4096
-    ws = workspace.init(mesh, "tp", tokens * hidden, jnp.bfloat16)
+    ws = workspace.init(mesh, "tp", _capacity(tokens, hidden, protocol), jnp.bfloat16)
     w = jnp.ones((hidden,), jnp.bfloat16)
 
     def chain(p, r, ws):
       def body(i, c):  # each call checked against the reference on the same inputs
         x, res, ws, bad = c
         part = (p + x * 0.25 + i.astype(jnp.bfloat16) * 1e-3).astype(p.dtype)
-        x, new_res, ws = fused_add_norm.all_reduce_add_norm(part, res * 0.5, w, ws, "tp", 1e-5)
+        x, new_res, ws = fused_add_norm.all_reduce_add_norm(part, res * 0.5, w, ws, "tp", 1e-5,
+                                                            protocol=protocol)
         x_ref, res_ref = fused_add_norm.reference(part, res * 0.5, w, "tp", 1e-5)
         err = jnp.abs(x.astype(jnp.float32) - x_ref.astype(jnp.float32))
         bad += jnp.sum(new_res != res_ref) + jnp.sum(err > 0.0625)

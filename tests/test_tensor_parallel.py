@@ -76,7 +76,7 @@ def test_70b_shapes_build_without_allocating():
   assert sum(x.size for x in leaves) > 69e9
 
 
-@pytest.mark.parametrize("backend", ["one_shot", "one_shot_ll", "two_shot", "auto"])
+@pytest.mark.parametrize("backend", ["one_shot", "one_shot_ll", "two_shot", "auto", "fused_ll"])
 @pytest.mark.parametrize("tp", [2, 8])
 def test_kernel_backends_give_xla_tokens(tmp_path, tp1, backend, tp):
   """On the CPU the kernels run their reference; the workspace threads through both loops."""
@@ -87,7 +87,7 @@ def test_kernel_backends_give_xla_tokens(tmp_path, tp1, backend, tp):
                                   tokens1)
 
 
-@pytest.mark.parametrize("backend", ["one_shot", "one_shot_ll", "two_shot", "fused"])
+@pytest.mark.parametrize("backend", ["one_shot", "one_shot_ll", "two_shot", "fused", "fused_ll"])
 def test_decode_loop_lowers_for_cuda_with_kernels(tmp_path, tp1, backend):
   """The whole jitted decode loop lowers for CUDA: one kernel per all-reduce, no multicast."""
   from pallas_kernels import lowering_checks

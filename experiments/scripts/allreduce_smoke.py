@@ -41,27 +41,29 @@ for method in ("one_shot", "one_shot_ll", "two_shot"):
     assert np.array_equal(np.asarray(y), np.asarray(ref)), method
   print(method, "correct", flush=True)
 
-ws = workspace.init(mesh, "tp", cap, dt)
 w = jax.random.normal(jax.random.key(9), (4096,), dt)
-f = sm(lambda p, r, w, ws: (*fused_add_norm.all_reduce_add_norm(p, r, w, ws, "tp", 1e-5),
-                            *fused_add_norm.reference(p, r, w, "tp", 1e-5)),
-       (P("tp"), P(), P(), spec), (P("tp"), P("tp"), spec, P("tp"), P("tp")), 3)
-for i in range(4):
-  p = jax.random.normal(jax.random.key(10 + i), (4, 4096), dt)  # per-rank partials
-  r = jax.random.normal(jax.random.key(20 + i), (2, 4096), dt)  # replicated residual
-  out, res, ws, out_ref, res_ref = f(p, r, w, ws)
-  assert np.array_equal(np.asarray(res), np.asarray(res_ref)), "fused residual"
-  err = np.abs(np.asarray(out, np.float32) - np.asarray(out_ref, np.float32)).max()
-  assert err <= 0.0625, f"fused normed max err {err}"
-  o = np.asarray(out).reshape(2, 2, 4096)
-  assert np.array_equal(o[0], o[1]), "fused ranks differ"
-print("fused correct", flush=True)
+for protocol in fused_add_norm.PROTOCOLS:
+  ws = workspace.init(mesh, "tp", cap, dt)
+  f = sm(lambda p, r, w, ws: (*fused_add_norm.all_reduce_add_norm(p, r, w, ws, "tp", 1e-5,
+                                                                  protocol=protocol),
+                              *fused_add_norm.reference(p, r, w, "tp", 1e-5)),
+         (P("tp"), P(), P(), spec), (P("tp"), P("tp"), spec, P("tp"), P("tp")), 3)
+  for i in range(4):
+    p = jax.random.normal(jax.random.key(10 + i), (4, 4096), dt)  # per-rank partials
+    r = jax.random.normal(jax.random.key(20 + i), (2, 4096), dt)  # replicated residual
+    out, res, ws, out_ref, res_ref = f(p, r, w, ws)
+    assert np.array_equal(np.asarray(res), np.asarray(res_ref)), f"fused {protocol} residual"
+    err = np.abs(np.asarray(out, np.float32) - np.asarray(out_ref, np.float32)).max()
+    assert err <= 0.0625, f"fused {protocol} normed max err {err}"
+    o = np.asarray(out).reshape(2, 2, 4096)
+    assert np.array_equal(o[0], o[1]), f"fused {protocol} ranks differ"
+  print(f"fused {protocol} correct", flush=True)
 if "--no-timing" in sys.argv:
   sys.exit(0)
 
 # Decode-shaped timing: 16 chained reduce+add+norm per iteration, per backend.
 iters, chain = 200, 16
-for backend in ("xla", "one_shot", "one_shot_ll", "fused"):
+for backend in ("xla", "one_shot", "one_shot_ll", "fused", "fused_ll"):
   impl = BACKENDS[backend]
   state = impl.init_state(mesh, "tp", jax.ShapeDtypeStruct((1, 1, 4096), dt)) if backend != "xla" else None
 
