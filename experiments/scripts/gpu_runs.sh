@@ -41,6 +41,8 @@ for step in "$@"; do
     decode_busy)    decode --backend xla,fused --matmul xla,pallas --command_buffers while --runs 2 \
                       --loops jit --cupti ;;  # kernel time vs TPOT: the idle gaps (after diag)
     decode_while)   decode --backend xla,one_shot,fused --command_buffers while --runs 4 ;;
+    decode_ll)      TPS=2 decode --backend xla,one_shot,one_shot_ll,fused,fused_ll --command_buffers while \
+                      --runs 4 --loops jit ;;  # flags vs LL lines, same process
     decode_default) decode --backend xla,fused --command_buffers default --runs 4 ;;
     decode_nccl)    TPS=2 decode --backend xla --xla_collectives nccl --runs 4 ;;  # NCCL: no WHILE graph
     decode_off)     decode --backend xla,fused --command_buffers off --profile --cupti --runs 4 ;;
