@@ -7,7 +7,7 @@ NVLink crossings plus two fences per call. Here every 8 bytes of message travel 
 proof of arrival: each thread stores its lines straight into every rank's slots and then
 polls the lines it reduces until both flags show this call's tag. No fence, no flag round
 trip, no barrier; the price is twice the bytes on the wire, which is why this kernel is for
-small messages (`all_reduce` picks it by size).
+small messages (`auto` picks it where a sweep measured it fastest).
 
 Every 8-byte half of a line is written by one store and read by one load, so a reader that
 sees the tag sees the data beside it. The tag is `TAG_BITS | (epoch mod 2^20)`, a NaN bit
@@ -46,8 +46,8 @@ def chunk(config: common.Config, dtype) -> int:
 
 
 def _context(epoch_ref):
-  """Per-thread values both halves of the protocol use: (tag, thread index, at(base, j,
-  width) -> the address of this thread's unit j at `width` bytes per unit)."""
+  """What both halves of the protocol use, per thread: (this call's tag, at(ref, j, width) ->
+  the address of this thread's unit j in `ref` at `width` bytes per unit)."""
   i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
   epoch = arith.addi(memref.load(epoch_ref, [_u.c(0, ir.IndexType.get())]), _u.c(1, i32))
   tag = arith.ori(arith.andi(epoch, _u.c(0xFFFFF, i32)), _u.c(TAG_BITS - (1 << 32), i32))
