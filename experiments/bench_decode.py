@@ -194,14 +194,19 @@ def _prefilled(decoder, prompts):
 
 def _kernel_time(decoder, prompts, steps, tp):
   """Kernel µs per decode step and device by category, from CUPTI around one jit-loop run
-  (command buffers stay on; kernels are classified by name only)."""
+  (command buffers stay on; kernels are classified by name and, through the compiled
+  loop's HLO, by the JAX named scope they came from)."""
   import jax
 
   from experiments import cupti
 
+  from experiments import profiling
+
   cache, comm, first = _prefilled(decoder, prompts)
   fn = decoder.loop_fn(steps, False)  # compiled by the timing above
-  ms = cupti.kernel_ms(lambda: jax.block_until_ready(fn(decoder.state, cache, comm, first)))
+  hlo = fn.lower(decoder.state, cache, comm, first).compile().as_text()
+  ms = cupti.kernel_ms(lambda: jax.block_until_ready(fn(decoder.state, cache, comm, first)),
+                       profiling.kernel_scopes(hlo))
   out = {f"cupti_{cat}_us": ms.get(cat, 0.0) * 1e3 / tp / steps
          for cat in ("all_reduce", "matmul", "attention", "other")}
   out["cupti_total_us"] = sum(out.values())

@@ -32,9 +32,11 @@ def kernel_times(fn: Callable[[], None]) -> list[tuple[str, float]]:
   return list(timings or [])
 
 
-def kernel_ms(fn: Callable[[], None]) -> dict[str, float]:
-  """Kernel ms per category (profiling.CATEGORIES) summed over all devices' kernels."""
+def kernel_ms(fn: Callable[[], None], scopes: dict[str, str] | None = None) -> dict[str, float]:
+  """Kernel ms per category (profiling.CATEGORIES) summed over all devices' kernels;
+  `scopes` (profiling.kernel_scopes of the executable) classifies kernels by named scope."""
   out = collections.Counter()
   for name, ms in kernel_times(fn):
-    out[profiling.classify(profiling.Kernel("", name, 0.0, 0.0, ""))] += ms
+    scope = profiling.scope_of(name, scopes or {})
+    out[profiling.classify(profiling.Kernel("", name, 0.0, 0.0, scope))] += ms
   return dict(out)

@@ -57,6 +57,31 @@ def device_kernels(trace_dir: str, lines_seen: dict[str, int] | None = None) -> 
   return out
 
 
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s.*?\s(fusion|custom-call)\(")
+
+
+def kernel_scopes(optimized_hlo: str) -> dict[str, str]:
+  """Kernel name -> JAX op name (with its named scopes) of the fusion or custom call of an
+  optimized HLO module that XLA emits it for: XLA names a fusion's kernel after the
+  instruction, '.' and '-' turned into '_'. Lets CUPTI's kernel names, which carry no
+  scope, be classified like trace events."""
+  out = {}
+  for line in optimized_hlo.splitlines():
+    inst, op = _INSTRUCTION.match(line), re.search(r'op_name="([^"]*)"', line)
+    if inst and op:
+      out[re.sub(r"[.\-]", "_", inst.group(1))] = op.group(1)
+  return out
+
+
+def scope_of(name: str, scopes: dict[str, str]) -> str:
+  """The op name `kernel_scopes` gives a kernel: exact, else the longest instruction name
+  the kernel name starts with (XLA may add a suffix)."""
+  if name in scopes:
+    return scopes[name]
+  best = max((k for k in scopes if name.startswith(k + "_")), key=len, default=None)
+  return scopes[best] if best else ""
+
+
 def classify(k: Kernel) -> str:
   if _COMM.search(k.name) or "all_reduce" in k.scope:
     return "all_reduce"

@@ -98,3 +98,20 @@ def test_gemv_tilings_swept_are_the_ones_a_shape_takes():
   # k = 5504 = 43 x 128: no 128-wide split divides it; the sweep skips those tilings.
   assert bench_matvec.gemv_configs("pallas", 4096, 5504, ["128:4:1", "128:4:2"]) == [
       gemv.Config(tile_k=128, stages=4, splits=1)]
+
+
+def test_kernel_scopes_classify_by_named_scope():
+  """CUPTI names kernels after HLO instructions; the compiled module maps them to scopes."""
+  from experiments import profiling
+
+  hlo = """
+  %loop_add_fusion.3 = f32[4]{0} fusion(%a), kind=kLoop, calls=%c, metadata={op_name="jit(_loop)/while/body/attention/add"}
+  ROOT %gemm_fusion_dot.12 = bf16[1,8]{1,0} fusion(%x, %w), kind=kCustom, metadata={op_name="jit(_loop)/while/body/matmul/dot_general"}
+  %copy.1 = f32[4]{0} copy(%a), metadata={op_name="jit(_loop)/attention/copy"}"""
+  scopes = profiling.kernel_scopes(hlo)
+  assert set(scopes) == {"loop_add_fusion_3", "gemm_fusion_dot_12"}
+  kernel = lambda name: profiling.Kernel("", name, 0, 0, profiling.scope_of(name, scopes))
+  assert profiling.classify(kernel("loop_add_fusion_3")) == "attention"
+  assert profiling.classify(kernel("loop_add_fusion_3_impl")) == "attention"  # suffixed
+  assert profiling.classify(kernel("loop_add_fusion_31")) == "other"  # another instruction
+  assert profiling.classify(kernel("one_shot_all_reduce")) == "all_reduce"
