@@ -144,8 +144,8 @@ def gemv_configs(gemm: str, n: int, k: int, specs: list[str]) -> list[gemv.Confi
   for spec in specs:
     config = gemv_config(spec, n, k)
     try:
-      gemv.check(jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.bfloat16),
-                 config)
+      gemv.check(jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
+                 jax.ShapeDtypeStruct((n, k), jnp.bfloat16), config)
     except ValueError:
       continue
     if config not in out:

@@ -104,10 +104,12 @@ def test_kernel_scopes_classify_by_named_scope():
   """CUPTI names kernels after HLO instructions; the compiled module maps them to scopes."""
   from experiments import profiling
 
-  hlo = """
-  %loop_add_fusion.3 = f32[4]{0} fusion(%a), kind=kLoop, calls=%c, metadata={op_name="jit(_loop)/while/body/attention/add"}
-  ROOT %gemm_fusion_dot.12 = bf16[1,8]{1,0} fusion(%x, %w), kind=kCustom, metadata={op_name="jit(_loop)/while/body/matmul/dot_general"}
-  %copy.1 = f32[4]{0} copy(%a), metadata={op_name="jit(_loop)/attention/copy"}"""
+  hlo = "\n".join([
+      '%loop_add_fusion.3 = f32[4]{0} fusion(%a), kind=kLoop, calls=%c,'
+      ' metadata={op_name="jit(_loop)/while/body/attention/add"}',
+      'ROOT %gemm_fusion_dot.12 = bf16[1,8]{1,0} fusion(%x, %w), kind=kCustom,'
+      ' metadata={op_name="jit(_loop)/while/body/matmul/dot_general"}',
+      '%copy.1 = f32[4]{0} copy(%a), metadata={op_name="jit(_loop)/attention/copy"}'])
   scopes = profiling.kernel_scopes(hlo)
   assert set(scopes) == {"loop_add_fusion_3", "gemm_fusion_dot_12"}
   kernel = lambda name: profiling.Kernel("", name, 0, 0, profiling.scope_of(name, scopes))

@@ -101,7 +101,8 @@ def test_ll_needs_twice_the_workspace():
   mesh = _mesh(2)
   x = jax.ShapeDtypeStruct((2, 4096), jnp.bfloat16)
   w = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
-  with pytest.raises(ValueError, match="cannot carry a \\(1, 4096\\) bfloat16 message with protocol 'll'"):
+  with pytest.raises(ValueError,
+                     match="cannot carry a \\(1, 4096\\) bfloat16 message with protocol 'll'"):
     lowering_checks.lower_for_cuda(_fn(mesh, protocol="ll"), x, x, w,
                                    _ws(mesh, 2, 1, 4096, jnp.bfloat16, abstract=True))
   with pytest.raises(ValueError, match="protocol must be one of"):
