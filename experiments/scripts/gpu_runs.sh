@@ -43,6 +43,10 @@ for step in "$@"; do
     decode_while)   decode --backend xla,one_shot,fused --command_buffers while --runs 4 ;;
     decode_ll)      TPS=2 decode --backend xla,one_shot,one_shot_ll,fused,fused_ll --command_buffers while \
                       --runs 4 --loops jit ;;  # flags vs LL lines, same process
+    decode_l3)      MODEL=llama3-8b BATCH=1,8 TPS=2 decode --backend xla,fused,fused_ll \
+                      --command_buffers while --runs 4 --loops jit ;;  # issue 5: Llama-3-8B, batch 1 and 8
+    decode_b8)      BATCH=8 TPS=2 decode --backend xla,fused,fused_ll --command_buffers while \
+                      --runs 4 --loops jit ;;
     decode_default) decode --backend xla,fused --command_buffers default --runs 4 ;;
     decode_nccl)    TPS=2 decode --backend xla --xla_collectives nccl --runs 4 ;;  # NCCL: no WHILE graph
     decode_off)     decode --backend xla,fused --command_buffers off --profile --cupti --runs 4 ;;
