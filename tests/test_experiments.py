@@ -117,3 +117,22 @@ def test_kernel_scopes_classify_by_named_scope():
   assert profiling.classify(kernel("loop_add_fusion_3_impl")) == "attention"  # suffixed
   assert profiling.classify(kernel("loop_add_fusion_31")) == "other"  # another instruction
   assert profiling.classify(kernel("one_shot_all_reduce")) == "all_reduce"
+
+
+def test_compiled_decode_loop_kernels_map_to_model_scopes():
+  """The scopes CUPTI's breakdown relies on exist in a compiled decode loop (CPU compile)."""
+  import jax.numpy as jnp
+
+  from experiments import profiling
+  from models import factory
+  from models.decode import Decoder
+  from models.sharding import make_mesh
+
+  mesh = make_mesh(2)
+  config, graphdef, state, _ = factory.build("tiny", mesh)
+  dec = Decoder(config, graphdef, state, mesh, backend="xla", max_len=64)
+  cache, comm = dec.new_cache(1), dec.new_comm_state(1)
+  hlo = dec.loop_fn(4, False).lower(dec.state, cache, comm, jnp.zeros((1,), jnp.int32))
+  scopes = profiling.kernel_scopes(hlo.compile().as_text())
+  found = {profiling.classify(profiling.Kernel("", k, 0, 0, v)) for k, v in scopes.items()}
+  assert found == set(profiling.CATEGORIES), found
