@@ -14,6 +14,10 @@ sees the tag sees the data beside it. The tag is `TAG_BITS | (epoch mod 2^20)`, 
 pattern as f32 and as bf16, so neither a stale line (epoch parity as in `one_shot`: a rank
 writes slot parity s of call e+2 only after seeing its peers' lines of call e+1, which they
 store only after finishing call e) nor data that another kernel left in the slots matches it.
+The tag repeats every 2^20 calls: a line that no call rewrote for exactly a multiple of
+2^20 calls and is then read again would pass as current. Calls of one message size rewrite
+all their lines every call (decode's case); a workspace shared by messages of different
+sizes must not leave a region unused that long.
 Sums run in rank order in f32 and round once (to nearest even), as `common.reference`.
 
 Call inside `shard_map` with a workspace from `pallas_kernels.workspace.init` whose slots
