@@ -75,6 +75,40 @@ def reference(partial, residual, weight, axis: str, eps: float):
   return (r * inv * weight.astype(jnp.float32)).astype(residual.dtype), new_residual
 
 
+def _col(t):
+  return pl.ds(t * VECTOR, VECTOR)
+
+
+def _place(epoch_ref, epoch_out, tiling):
+  """In a kernel body: (slot parity, row group, first row, first own tile) of this block;
+  advances the epoch."""
+  _, rows, col_blocks, own = tiling
+  b = lax.axis_index("blocks")
+  s = common.advance_epoch(epoch_ref, epoch_out, b)
+  group = b // col_blocks
+  return s, group, group * rows, lax.rem(b, col_blocks) * own
+
+
+def _norm_row(row, new_residual, tiles: int, first_tile, own: int, hidden: int, eps: float,
+              w_ref, out_ref, new_res_ref=None):
+  """RMSNorm of one row whose new residual tile t is `new_residual(t)`: the sum of squares
+  over the whole row (same order on every block and rank), then this block's own tiles of
+  the output (and of the new residual, if `new_res_ref`)."""
+  sum_sq = jnp.float32(0.0)
+  for t in range(tiles):
+    r32 = new_residual(t).astype(jnp.float32)
+    sum_sq = sum_sq + jnp.sum(r32 * r32)
+  inv = lax.rsqrt(sum_sq / hidden + eps)
+
+  @pl.loop(first_tile, first_tile + own)
+  def _write(t):
+    r = new_residual(t)
+    if new_res_ref is not None:
+      new_res_ref[row, _col(t)] = r
+    out_ref[row, _col(t)] = (r.astype(jnp.float32) * inv
+                             * w_ref[_col(t)].astype(jnp.float32)).astype(out_ref.dtype)
+
+
 def _body(n: int, axis: str, hidden: int, width: int, eps: float, tiling):
   _, rows, col_blocks, own = tiling
   exchange = peer_sync.epoch_flag_exchange(n, waits=col_blocks)
@@ -84,12 +118,7 @@ def _body(n: int, axis: str, hidden: int, width: int, eps: float, tiling):
            out_ref, new_res_ref, slots_ref, flags_ref, epoch_out):
     me = lax.axis_index(axis)
     b = lax.axis_index("blocks")
-    s = common.advance_epoch(epoch_ref, epoch_out, b)
-    group, cb = b // col_blocks, lax.rem(b, col_blocks)
-    first, first_tile = group * rows, cb * own
-
-    def col(t):
-      return pl.ds(t * VECTOR, VECTOR)
+    s, group, first, first_tile = _place(epoch_ref, epoch_out, tiling)
 
     def slot(p, row, t):
       return slots_ref.at[s, p, pl.ds(row * width + t * VECTOR, VECTOR)]
@@ -98,13 +127,13 @@ def _body(n: int, axis: str, hidden: int, width: int, eps: float, tiling):
       acc = slot(0, row, t)[...].astype(jnp.float32)
       for p in range(1, n):
         acc = acc + slot(p, row, t)[...].astype(jnp.float32)
-      return (res_ref[row, col(t)].astype(jnp.float32) + acc).astype(new_res_ref.dtype)
+      return (res_ref[row, _col(t)].astype(jnp.float32) + acc).astype(new_res_ref.dtype)
 
     @pl.loop(first, first + rows)
     def _push(row):
       @pl.loop(first_tile, first_tile + own)
       def _tile(t):
-        v = x_ref[row, col(t)]
+        v = x_ref[row, _col(t)]
         for k in range(n):
           plgpu.remote_ref(slot(me, row, t), lax.rem(me + k, n))[...] = v
 
@@ -115,24 +144,14 @@ def _body(n: int, axis: str, hidden: int, width: int, eps: float, tiling):
 
     @pl.loop(first, first + rows)
     def _add_norm(row):
-      sum_sq = jnp.float32(0.0)
-      for t in range(tiles):  # the whole row, in the same order on every block and rank
-        r32 = new_residual(row, t).astype(jnp.float32)
-        sum_sq = sum_sq + jnp.sum(r32 * r32)
-      inv = lax.rsqrt(sum_sq / hidden + eps)
-
-      @pl.loop(first_tile, first_tile + own)
-      def _write(t):
-        r = new_residual(row, t)
-        new_res_ref[row, col(t)] = r
-        out_ref[row, col(t)] = (r.astype(jnp.float32) * inv
-                                * w_ref[col(t)].astype(jnp.float32)).astype(out_ref.dtype)
+      _norm_row(row, lambda t: new_residual(row, t), tiles, first_tile, own, hidden, eps,
+                w_ref, out_ref, new_res_ref)
 
   return body
 
 
 def _body_ll(n: int, axis: str, hidden: int, width: int, eps: float, tiling, dtype):
-  _, rows, col_blocks, own = tiling
+  _, rows, _, own = tiling
   per_thread = lambda elems: elems * jnp.dtype(dtype).itemsize // (common.THREADS
                                                                    * one_shot_ll.UNIT_BYTES)
   send = one_shot_ll.push(n, per_thread(own * VECTOR))
@@ -142,13 +161,7 @@ def _body_ll(n: int, axis: str, hidden: int, width: int, eps: float, tiling, dty
   def body(x_ref, res_ref, w_ref, epoch_ref, _slots_in, _flags_in,
            out_ref, new_res_ref, slots_ref, _flags, epoch_out):
     me = lax.axis_index(axis)
-    b = lax.axis_index("blocks")
-    s = common.advance_epoch(epoch_ref, epoch_out, b)
-    group, cb = b // col_blocks, lax.rem(b, col_blocks)
-    first, first_tile = group * rows, cb * own
-
-    def col(t):
-      return pl.ds(t * VECTOR, VECTOR)
+    s, _, first, first_tile = _place(epoch_ref, epoch_out, tiling)
 
     @pl.loop(first, first + rows)
     def _push(row):  # this block's tiles of the row, as lines into every rank's slots
@@ -160,17 +173,9 @@ def _body_ll(n: int, axis: str, hidden: int, width: int, eps: float, tiling, dty
     def _add_norm(row):
       whole = pl.ds(2 * row * width, 2 * width)  # the whole row's lines from every rank
       receive(epoch_ref, new_res_ref.at[row], *[slots_ref.at[s, p, whole] for p in range(n)],
-              res_ref.at[row])
-      sum_sq = jnp.float32(0.0)
-      for t in range(tiles):  # the whole row, in the same order on every block and rank
-        r32 = new_res_ref[row, col(t)].astype(jnp.float32)
-        sum_sq = sum_sq + jnp.sum(r32 * r32)
-      inv = lax.rsqrt(sum_sq / hidden + eps)
-
-      @pl.loop(first_tile, first_tile + own)
-      def _write(t):
-        out_ref[row, col(t)] = (new_res_ref[row, col(t)].astype(jnp.float32) * inv
-                                * w_ref[col(t)].astype(jnp.float32)).astype(out_ref.dtype)
+              res_ref.at[row])  # every block of the group writes the row's new residual
+      _norm_row(row, lambda t: new_res_ref[row, _col(t)], tiles, first_tile, own, hidden, eps,
+                w_ref, out_ref)
 
   return body
 
