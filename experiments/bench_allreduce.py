@@ -57,6 +57,7 @@ _CONFIGS = flags.DEFINE_list("configs", ["2:16"], "pallas flavour, all_reduce: k
                              " used by auto.")
 
 CHAIN = 16
+MEASURES = ("loop_us", "single_us", "error", "workspace_copies", "kernel_us", "other_kernel_us")
 KERNELS = ("one_shot", "one_shot_ll", "two_shot")  # the pallas methods that take a tiling
 FLAVOURS = {  # child -> (XLA collectives mode, command buffers, implementations per op)
     "psum_default": ("default", "while", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
@@ -137,12 +138,23 @@ def run_child(flavour: str, out_path: str):
   variants = [(impl, cfg) for impl in impls
               for cfg in (configs if impl in KERNELS and _OP.value == "all_reduce"
                           else configs[:1])]
-  rows = []
+  log = xla_env.ChildLog(out_path)
   for tokens, hidden, nbytes in _cases(n):
     for impl, cfg in variants:
       kernel_ok = tokens <= all_reduce.MAX_TOKENS and hidden <= all_reduce.MAX_HIDDEN
       if impl in KERNELS and not kernel_ok:
         continue
+      tag = "" if cfg == configs[0] else f"[v{cfg.vectors},b{cfg.max_blocks}]"
+      case = {"op": _OP.value, "flavour": flavour,
+              "impl": (impl if impl != "xla" else flavour) + tag, "tp": n, "bytes": nbytes,
+              "vectors": cfg.vectors, "max_blocks": cfg.max_blocks,
+              "tokens": tokens, "hidden": hidden,
+              "method": (impl if impl != "auto" else
+                         all_reduce.select(nbytes, n) if kernel_ok else "xla"),
+              "command_buffers": command_buffers, "kernel_measure": "loop"}
+      if log.done(case):
+        continue
+      log.start({**case, **dict.fromkeys(MEASURES)})
       example = jax.ShapeDtypeStruct((tokens if kernel_ok else 1, 1, hidden), jnp.bfloat16)
       capacity = max(workspace_capacity(example, n), all_reduce.workspace_capacity(
           tokens, hidden, jnp.bfloat16, n, cfg) if kernel_ok else 0)  # cfg may tile coarser
@@ -200,23 +212,13 @@ def run_child(flavour: str, out_path: str):
       one_s, one_err = measure(single, _RUNS.value * 3)
       kernel_ms = (cupti.kernel_ms(lambda: call(loop)) if loop_s and _CUPTI.value
                    else None)  # summed over the GPUs and the loop's ops
-      tag = "" if cfg == configs[0] else f"[v{cfg.vectors},b{cfg.max_blocks}]"
-      rows.append({"op": _OP.value, "flavour": flavour,
-                   "impl": (impl if impl != "xla" else flavour) + tag, "tp": n, "bytes": nbytes,
-                   "vectors": cfg.vectors, "max_blocks": cfg.max_blocks,
-                   "tokens": tokens, "hidden": hidden,
-                   "method": (impl if impl != "auto" else
-                              all_reduce.select(nbytes, n) if kernel_ok else "xla"),
-                   "loop_us": loop_s and loop_s / (_ITERS.value * CHAIN) * 1e6,
-                   "single_us": one_s and one_s * 1e6, "error": loop_err or one_err,
-                   "command_buffers": command_buffers, "workspace_copies": copies,
-                   "kernel_measure": "loop",  # earlier records: one call, peer skew included
-                   **{name: (kernel_ms.get(k, 0.0) / n / (_ITERS.value * CHAIN) * 1e3
-                             if kernel_ms else None)
-                      for name, k in (("kernel_us", "all_reduce"), ("other_kernel_us", "other"))}})
-      print(json.dumps(rows[-1]), flush=True)
-      with open(out_path, "w") as f:  # after every row: a crash later keeps what was measured
-        json.dump(rows, f)
+      log.add({**case, "loop_us": loop_s and loop_s / (_ITERS.value * CHAIN) * 1e6,
+               "single_us": one_s and one_s * 1e6, "error": loop_err or one_err,
+               "workspace_copies": copies,
+               **{name: (kernel_ms.get(k, 0.0) / n / (_ITERS.value * CHAIN) * 1e3
+                         if kernel_ms else None)
+                  for name, k in (("kernel_us", "all_reduce"), ("other_kernel_us", "other"))}})
+      print(json.dumps(log.rows[-1]), flush=True)
 
 
 def main(argv):

@@ -71,15 +71,53 @@ def hbm_copy_gbps(gib: float = 2.0, calls: int = 20, runs: int = 5) -> float:
   return 2 * n * 4 * calls / float(np.median(samples)) / 1e9
 
 
-def run_children(module: str, names: list[str]) -> list[dict]:
+class ChildLog:
+  """A benchmark child's rows on disk, rewritten after every row.
+
+  A case that kills its process (a segfault, a device trap) would take the child's
+  remaining cases with it, so the child marks each case before measuring it; a restarted
+  child records a marked case as failed and goes on with the cases not yet done.
+  """
+
+  def __init__(self, path: str):
+    self.path, self._pending = path, path + ".pending"
+    self.rows = json.load(open(path)) if os.path.exists(path) else []
+    if os.path.exists(self._pending):
+      crashed = json.load(open(self._pending))
+      self.add({**crashed, "error": "the process died during this case; a restarted child"
+                                     " went on after it"})
+
+  def done(self, key: dict) -> bool:
+    return any(all(row.get(k) == v for k, v in key.items()) for row in self.rows)
+
+  def start(self, row: dict) -> None:
+    """Marks `row` (the case's key, measures None) as the one being measured."""
+    with open(self._pending, "w") as f:
+      json.dump(row, f)
+
+  def add(self, row: dict) -> None:
+    self.rows.append(row)
+    with open(self.path, "w") as f:
+      json.dump(self.rows, f)
+    if os.path.exists(self._pending):
+      os.remove(self._pending)
+
+
+def run_children(module: str, names: list[str], restarts: int = 8) -> list[dict]:
   """Runs `python -m module <this process's argv> --child=NAME --child_out=FILE` once per name
   (XLA flags are per process, so each setting compared gets its own process) and returns
-  the rows the children wrote, in order. A child that fails keeps the rows it wrote."""
+  the rows the children wrote, in order. A child that dies is restarted where it stopped
+  (ChildLog), up to `restarts` times while it makes progress."""
   rows = []
   for name in names:
     out = tempfile.mktemp(suffix=".json")
     cmd = [sys.executable, "-m", module, *sys.argv[1:], f"--child={name}", f"--child_out={out}"]
-    proc = subprocess.run(cmd, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
+    for attempt in range(restarts + 1):
+      proc = subprocess.run(cmd, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
+      if not proc.returncode or not os.path.exists(out + ".pending"):
+        break  # finished, or died outside a case (no progress to resume from)
+      print(f"child {name} died (rc={proc.returncode}) during a case; restarting after it",
+            flush=True)
     if proc.returncode:
       print(f"child {name} failed (rc={proc.returncode}); keeping its rows so far", flush=True)
     if os.path.exists(out):

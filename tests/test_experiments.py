@@ -136,3 +136,27 @@ def test_compiled_decode_loop_kernels_map_to_model_scopes():
   scopes = profiling.kernel_scopes(hlo.compile().as_text())
   found = {profiling.classify(profiling.Kernel("", k, 0, 0, v)) for k, v in scopes.items()}
   assert found == set(profiling.CATEGORIES), found
+
+
+def test_a_child_that_dies_during_a_case_is_restarted_after_it(tmp_path, monkeypatch):
+  """xla_env.run_children + ChildLog: the case that killed the child becomes an error row and
+  the restarted child measures the rest."""
+  from experiments import xla_env
+  (tmp_path / "child_mod.py").write_text(
+      "import os, sys\n"
+      "from experiments.xla_env import ChildLog\n"
+      "log = ChildLog(sys.argv[-1].split('=', 1)[1])\n"
+      "for case in range(4):\n"
+      "  if log.done({'case': case}):\n"
+      "    continue\n"
+      "  log.start({'case': case, 'value': None})\n"
+      "  if case == 1:\n"
+      "    os.abort()\n"
+      "  log.add({'case': case, 'value': case * 10, 'error': None})\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
+  monkeypatch.setattr(sys, "argv", ["prog"])
+  rows = xla_env.run_children("child_mod", ["only"])
+  assert [r["case"] for r in rows] == [0, 1, 2, 3]
+  assert rows[1]["value"] is None and "died" in rows[1]["error"]
+  assert [r["value"] for r in rows if r["case"] != 1] == [0, 20, 30]

@@ -23,7 +23,8 @@ for step in "$@"; do
     smoke)          timeout 170 python3 experiments/scripts/allreduce_smoke.py 2>&1 | grep -v "^I1\|^W1" ;;
     sanitize)       bash experiments/scripts/sanitize.sh ;;
     tune)           bench 300 bench_allreduce --tp "${TP:-2}" --flavours pallas --impls one_shot,one_shot_ll,two_shot \
-                      --configs 2:16,1:16,4:16,4:32,8:32 --min_bytes 8192 --max_bytes 8388608 --size_step 4 ;;
+                      --configs 2:16,1:16,4:32,8:32 --min_bytes 8192 --max_bytes 8388608 --size_step 4 \
+                      --runs 5 ;;
     allreduce)      bench 330 bench_allreduce --tp "${TP:-2}" | tee /tmp/sweep.log
                     rec=$(sed -n 's/^record: //p' /tmp/sweep.log)  # auto, with thresholds from it
                     [ -n "$rec" ] && bench 200 bench_allreduce --tp "${TP:-2}" --impls auto \
