@@ -46,9 +46,9 @@ _OP = flags.DEFINE_enum("op", "all_reduce", ["all_reduce", "add_norm"], "What to
 _TOKENS = flags.DEFINE_list("tokens", ["1", "4", "16", "64", "128"], "add_norm: token counts.")
 _HIDDEN = flags.DEFINE_list("hidden", ["4096", "5120", "8192"], "add_norm: hidden sizes.")
 _STEP = flags.DEFINE_integer("size_step", 2, "Factor between consecutive message sizes.")
-_FROM = flags.DEFINE_string("thresholds_from", None, "An all_reduce record of this TP degree:"
-                            " auto uses the thresholds derived from it"
-                            " (experiments/thresholds.py).")
+_FROM = flags.DEFINE_list("thresholds_from", None, "all_reduce records of this TP degree (a"
+                          " sweep, a tiling sweep): auto uses the thresholds derived from"
+                          " their rows (experiments/thresholds.py).")
 _CUPTI = flags.DEFINE_bool("cupti", True, "Measure kernel times with CUPTI.")
 _FLAVOURS = flags.DEFINE_list("flavours", None, "Subset of the child flavours (default: all).")
 _IMPLS = flags.DEFINE_list("impls", None, "pallas flavour: subset of its implementations.")
@@ -81,10 +81,21 @@ def _apply_thresholds():
   """Sets all_reduce.THRESHOLDS[tp] from --thresholds_from; returns what auto uses."""
   from pallas_kernels import all_reduce
   if _FROM.value:
-    rows = json.load(open(_FROM.value))["results"]
+    rows = [row for path in _FROM.value for row in json.load(open(path))["results"]]
     all_reduce.THRESHOLDS[_TP.value] = thresholds.derive(rows, _TP.value)
   return {"thresholds_from": _FROM.value,
-          "thresholds": {str(k): [list(r) for r in v] for k, v in all_reduce.THRESHOLDS.items()}}
+          "thresholds": {str(k): [_range_json(*r) for r in v]
+                         for k, v in all_reduce.THRESHOLDS.items()}}
+
+
+def _range_json(method, config, largest):
+  return {"method": method, "largest_bytes": largest,
+          **({"vectors": config.vectors, "max_blocks": config.max_blocks} if config else {})}
+
+
+def _method_json(method, config) -> str:
+  """auto's choice as a row label: `one_shot[v8,b32]`, or `xla`."""
+  return method + (f"[v{config.vectors},b{config.max_blocks}]" if config else "")
 
 
 def _shape(nbytes: int) -> tuple[int, int]:
@@ -150,7 +161,7 @@ def run_child(flavour: str, out_path: str):
               "vectors": cfg.vectors, "max_blocks": cfg.max_blocks,
               "tokens": tokens, "hidden": hidden,
               "method": (impl if impl != "auto" else
-                         all_reduce.select(nbytes, n) if kernel_ok else "xla"),
+                         _method_json(*all_reduce.select(nbytes, n)) if kernel_ok else "xla"),
               "command_buffers": command_buffers, "kernel_measure": "loop"}
       if log.done(case):
         continue
@@ -171,7 +182,7 @@ def run_child(flavour: str, out_path: str):
                  jax.random.normal(jax.random.key(1), (n * tokens, 1, hidden), jnp.bfloat16))
       else:  # rescaled by 1/n so that a chain of sums stays finite
         def op(y, ws):
-          y, ws = all_reduce.all_reduce(y, ws, "tp", impl, cfg)
+          y, ws = all_reduce.all_reduce(y, ws, "tp", impl, cfg if impl in KERNELS else None)
           return (y * (1.0 / n)).astype(y.dtype), ws
         carry = jax.random.normal(jax.random.key(nbytes), (n * tokens, hidden), jnp.bfloat16)
 

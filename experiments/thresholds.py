@@ -1,32 +1,45 @@
 """`auto`'s message-size ranges (pallas_kernels/all_reduce.THRESHOLDS) from measured
-all-reduce rows (experiments/bench_allreduce.py records)."""
+all-reduce rows (experiments/bench_allreduce.py records: a sweep, and a tiling sweep)."""
 
 from __future__ import annotations
+
+import collections
+
+from pallas_kernels.common import Config
 
 KERNELS = ("one_shot_ll", "one_shot", "two_shot")
 FALLBACK = "psum_default"  # what auto runs beyond its ranges: psum with XLA's default kernels
 
 
-def derive(rows: list[dict], tp: int) -> tuple[tuple[str, int], ...]:
-  """At every size where psum and at least one kernel were measured, the fastest of them
-  wins; consecutive sizes with one winner form a range ending at the largest of them, and
-  ranges after the last kernel win are dropped (psum is the fallback)."""
-  loop = {}
+def derive(rows: list[dict], tp: int, keep_within: float = 0.05
+           ) -> tuple[tuple[str, Config | None, int], ...]:
+  """At every size where psum and at least one kernel were measured, the fastest (method,
+  tiling) wins (a candidate measured more than once: its mean), except that where a kernel
+  wins, the previous size's winner stays if within `keep_within` of it (no range for noise);
+  consecutive sizes with one winner form a range ending at the largest of them, and ranges
+  after the last kernel win are dropped (psum is the fallback)."""
+  samples = collections.defaultdict(lambda: collections.defaultdict(list))
   for r in rows:
-    if (r["op"] == "all_reduce" and r["tp"] == tp and r["loop_us"]
-        and r["impl"] in (*KERNELS, FALLBACK)):
-      loop.setdefault(r["bytes"], {})[r["impl"]] = r["loop_us"]
-  sizes = sorted(b for b, v in loop.items() if FALLBACK in v and len(v) > 1)
+    method = r["impl"].split("[")[0]
+    if r["op"] == "all_reduce" and r["tp"] == tp and r["loop_us"] and method in (*KERNELS,
+                                                                                   FALLBACK):
+      cfg = Config(r.get("vectors", 2), r.get("max_blocks", 16)) if method in KERNELS else None
+      samples[r["bytes"]][("xla" if method == FALLBACK else method, cfg)].append(r["loop_us"])
+  sizes = sorted(b for b, v in samples.items()
+                 if any(m == "xla" for m, _ in v) and len(v) > 1)
   if not sizes:
     raise ValueError(f"no size with {FALLBACK} and a kernel measured at tp={tp}")
-  ranges: list[tuple[str, int]] = []
+  ranges: list[tuple[str, Config | None, int]] = []
   for size in sizes:
-    best = min(loop[size], key=loop[size].get)
-    method = "xla" if best == FALLBACK else best
-    if ranges and ranges[-1][0] == method:
-      ranges[-1] = (method, size)
+    mean = {k: sum(v) / len(v) for k, v in samples[size].items()}
+    method, cfg = min(mean, key=mean.get)
+    if method != "xla" and ranges and ranges[-1][:2] in mean and (
+        mean[ranges[-1][:2]] <= (1 + keep_within) * mean[method, cfg]):
+      method, cfg = ranges[-1][:2]
+    if ranges and ranges[-1][:2] == (method, cfg):
+      ranges[-1] = (method, cfg, size)
     else:
-      ranges.append((method, size))
+      ranges.append((method, cfg, size))
   while ranges and ranges[-1][0] == "xla":
     ranges.pop()
   return tuple(ranges)

@@ -32,20 +32,21 @@ METHODS = ("auto", "one_shot", "one_shot_ll", "two_shot", "xla")
 MAX_TOKENS = 256
 MAX_HIDDEN = 16384
 
-# `auto`'s choice by TP degree: (method, largest message in bytes per rank) ranges in
-# ascending order; a message takes the first range that holds it, beyond the last psum.
-# TP=2: derived by experiments/thresholds.derive from the 2xH200 sweep
-# experiments/results/allreduce/20261122T012716968907Z.json: one-shot is the fastest up to
-# 128 KiB (8.2-9.7 us per op against 14.6-16.6 us for psum), two-shot never beats it
-# there, and above 128 KiB the kernels were not measured (the sweep aborted at 256 KiB,
-# docs/allreduce.md), so psum takes over; auto with these values:
-# .../allreduce/20261122T012834635109Z.json. one_shot_ll is not measured yet, so no range
-# uses it. TP=4 and TP=8 (not measured: no such machine lent yet) follow XLA's built-in
-# NVLink kernel limits.
-THRESHOLDS: dict[int, tuple[tuple[str, int], ...]] = {
-    2: (("one_shot", 128 << 10),),
-    4: (("one_shot", 256 << 10), ("two_shot", 2 << 20)),
-    8: (("one_shot", 128 << 10), ("two_shot", 2 << 20)),
+# `auto`'s choice by TP degree: (method, tiling, largest message in bytes per rank) ranges
+# in ascending order; a message takes the first range that holds it, beyond the last psum
+# (ranges may name "xla" in between). TP=2: experiments/thresholds.derive over the 2xH200
+# sweep experiments/results/allreduce/20261122T060607632282Z.json and the tiling sweep
+# .../allreduce/20261122T063028449773Z.json (docs/allreduce.md has the table). TP=4 and
+# TP=8 (not measured: no such machine lent yet) follow XLA's built-in NVLink kernel limits.
+THRESHOLDS: dict[int, tuple[tuple[str, common.Config | None, int], ...]] = {
+    2: (("one_shot_ll", common.Config(2, 16), 64 << 10),
+        ("one_shot_ll", common.Config(4, 32), 128 << 10),
+        ("one_shot", common.Config(2, 16), 256 << 10),
+        ("one_shot", common.Config(8, 32), 512 << 10),
+        ("xla", None, 1 << 20),
+        ("one_shot", common.Config(8, 32), 2 << 20)),
+    4: (("one_shot", common.Config(), 256 << 10), ("two_shot", common.Config(), 2 << 20)),
+    8: (("one_shot", common.Config(), 128 << 10), ("two_shot", common.Config(), 2 << 20)),
 }
 
 _KERNELS = {"one_shot": (one_shot_lib.one_shot, one_shot_lib.reference),
@@ -55,12 +56,19 @@ _warned_cpu = False
 
 
 def workspace_capacity(tokens: int, hidden: int, dtype, n: int,
-                       config: common.Config = common.Config()) -> int:
-  """Workspace elements that carry a (tokens, hidden) message through every kernel
-  (one_shot_ll's lines take twice the padded message)."""
-  quantum = config.chunk(dtype) * n
-  ll = one_shot_ll_lib.chunk(config, dtype)
-  return max(-(-tokens * hidden // quantum) * quantum, 2 * (-(-tokens * hidden // ll) * ll))
+                       config: common.Config | None = None) -> int:
+  """Workspace elements that carry a (tokens, hidden) message through every kernel tiled by
+  `config` (default: by every tiling the kernels or `auto` use over `n` ranks); one_shot_ll's
+  lines take twice the padded message."""
+  configs = {config} if config else {common.Config(), *(
+      c for _, c, _ in THRESHOLDS.get(n, ()) if c is not None)}
+
+  def capacity(config):
+    quantum = config.chunk(dtype) * n
+    ll = one_shot_ll_lib.chunk(config, dtype)
+    return max(-(-tokens * hidden // quantum) * quantum, 2 * (-(-tokens * hidden // ll) * ll))
+
+  return max(map(capacity, configs))
 
 
 def fits(x: jax.Array, ws: Workspace) -> bool:
@@ -69,12 +77,12 @@ def fits(x: jax.Array, ws: Workspace) -> bool:
   return workspace_capacity(*x.shape, x.dtype, n) <= ws.slots.shape[-1]
 
 
-def select(nbytes: int, n: int) -> str:
-  """The method `auto` uses for a message of `nbytes` per rank over `n` ranks."""
-  for method, largest in THRESHOLDS.get(n, THRESHOLDS[max(THRESHOLDS)]):
+def select(nbytes: int, n: int) -> tuple[str, common.Config | None]:
+  """The (method, tiling) `auto` uses for a message of `nbytes` per rank over `n` ranks."""
+  for method, config, largest in THRESHOLDS.get(n, THRESHOLDS[max(THRESHOLDS)]):
     if nbytes <= largest:
-      return method
-  return "xla"
+      return method, config
+  return "xla", None
 
 
 def check(x: jax.Array, axis: str, method: str) -> int:
@@ -108,14 +116,17 @@ def note_reference(method: str):
 
 
 def all_reduce(x: jax.Array, ws: Workspace, axis: str, method: str = "auto",
-               config: common.Config = common.Config()):
+               config: common.Config | None = None):
   """Sum of `x` over `axis`; returns (result, workspace). Call inside shard_map.
-  `config` tiles the kernels (benchmarks sweep it; the default is the tuned one)."""
+  `config` tiles the kernels (benchmarks sweep it); by default `auto` takes the tiling of
+  its range and the named kernels `common.Config()`."""
   n = check(x, axis, method)
   if method == "auto":
     tokens, hidden = x.shape
     fits = tokens <= MAX_TOKENS and hidden <= MAX_HIDDEN
-    method = select(x.size * x.dtype.itemsize, n) if fits else "xla"
+    method, tuned = select(x.size * x.dtype.itemsize, n) if fits else ("xla", None)
+    config = config or tuned
+  config = config or common.Config()
   if n == 1:
     return x, ws
   if method == "xla":

@@ -10,7 +10,7 @@ import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import Mesh, PartitionSpec as P
 
-from pallas_kernels import all_reduce, lowering_checks, workspace
+from pallas_kernels import all_reduce, common, lowering_checks, workspace
 
 METHODS = ["one_shot", "one_shot_ll", "two_shot", "auto", "xla"]
 
@@ -165,10 +165,12 @@ def test_message_larger_than_workspace():
 @pytest.mark.parametrize("n", sorted(all_reduce.THRESHOLDS))
 def test_auto_thresholds_pick_by_size(n):
   ranges = all_reduce.THRESHOLDS[n]
-  assert all_reduce.select(1, n) == ranges[0][0]
-  for (method, largest), (after, _) in zip(ranges, ranges[1:] + (("xla", 0),)):
-    assert all_reduce.select(largest, n) == method and all_reduce.select(largest + 1, n) == after
-  assert all_reduce.select(64 << 20, n) == "xla"
+  assert all_reduce.select(1, n) == ranges[0][:2]
+  for (method, cfg, largest), (after, after_cfg, _) in zip(ranges,
+                                                           ranges[1:] + (("xla", None, 0),)):
+    assert all_reduce.select(largest, n) == (method, cfg)
+    assert all_reduce.select(largest + 1, n) == (after, after_cfg)
+  assert all_reduce.select(64 << 20, n) == ("xla", None)
 
 
 def test_thresholds_derived_from_measured_rows():
@@ -181,9 +183,21 @@ def test_thresholds_derived_from_measured_rows():
           for b, vals in us.items() for impl, v in zip(impls, vals)]
   rows.append({"op": "all_reduce", "tp": 2, "impl": "psum_default", "bytes": 8 << 20,
                "loop_us": None})  # a failed case is ignored
-  assert derive(rows, 2) == (("one_shot_ll", 8192), ("one_shot", 65536), ("two_shot", 1 << 20))
+  c = common.Config()
+  assert derive(rows, 2) == (("one_shot_ll", c, 8192), ("one_shot", c, 65536),
+                             ("two_shot", c, 1 << 20))
   older = [r for r in rows if r["impl"] != "one_shot_ll"]  # records from before the LL kernel
-  assert derive(older, 2) == (("one_shot", 65536), ("two_shot", 1 << 20))
+  assert derive(older, 2) == (("one_shot", c, 65536), ("two_shot", c, 1 << 20))
+  wide = {"vectors": 8, "max_blocks": 32}  # a tiling sweep's rows: it wins where it is
+  tiled = [{"op": "all_reduce", "tp": 2, "impl": "two_shot[v8,b32]", "bytes": b, "loop_us": v,
+            **wide} for b, v in ((1 << 20, 18.0), (2 << 20, 19.0), (4 << 20, 30.0))]
+  assert derive(rows + tiled, 2) == (("one_shot_ll", c, 8192), ("one_shot", c, 65536),
+                                     ("two_shot", c, 262144),
+                                     ("two_shot", common.Config(8, 32), 4 << 20))
+  assert derive(rows + tiled[:1], 2)[-1] == ("two_shot", common.Config(8, 32), 1 << 20)
+  # within 5% of the fastest, the previous size's winner keeps its range (no noise ranges)
+  close = [{**tiled[0], "loop_us": 18.5}]
+  assert derive(rows + close, 2)[-1] == ("two_shot", c, 1 << 20)
   with pytest.raises(ValueError, match="no size with psum_default and a kernel measured"):
     derive(rows, 4)
 
@@ -200,3 +214,13 @@ def test_workspace_copies_found_in_optimized_hlo():
   ROOT %add = bf16[2,2,4096]{2,1,0} add(bf16[2,2,4096]{2,1,0} %p, bf16[2,2,4096]{2,1,0} %p)"""
   found = lowering_checks.workspace_copies(hlo, ws)
   assert [line.split()[0] for line in found] == ["%copy.3", "%copy-start.1", "%wrapped_copy.2"]
+
+
+def test_auto_tp2_ranges_are_derived_from_the_records_they_cite():
+  """THRESHOLDS[2] is what experiments/thresholds.derive gives on the records its comment names."""
+  import json
+  from experiments.thresholds import derive
+  root = pathlib.Path(__file__).parent.parent / "experiments" / "results" / "allreduce"
+  rows = [row for name in ("20261122T060607632282Z", "20261122T063028449773Z")
+          for row in json.loads((root / f"{name}.json").read_text())["results"]]
+  assert derive(rows, 2) == all_reduce.THRESHOLDS[2]

@@ -29,7 +29,11 @@ for step in "$@"; do
                     rec=$(sed -n 's/^record: //p' /tmp/sweep.log)  # auto, with thresholds from it
                     [ -n "$rec" ] && bench 200 bench_allreduce --tp "${TP:-2}" --impls auto \
                       --flavours psum_default,psum_nccl,pallas --thresholds_from "$rec" ;;
-    add_norm)       bench 330 bench_allreduce --tp "${TP:-2}" --op add_norm ;;
+    auto)           bench 200 bench_allreduce --tp "${TP:-2}" --impls auto --nocupti \
+                      --flavours psum_default,psum_nccl,pallas ;;  # THRESHOLDS as committed
+    add_norm)       bench 330 bench_allreduce --tp "${TP:-2}" --op add_norm \
+                      --tokens "${TOKENS:-1,4,16,64,128}" --hidden "${HIDDEN:-4096,5120,8192}" \
+                      ${CUPTI_FLAG:---cupti} ;;
     diag)           for c in ${DIAG:-nocupti cupti}; do  # the abort at 256 KB (docs/allreduce.md), with copy counts
                       bench 150 bench_allreduce --tp 2 --flavours pallas --impls one_shot --$c \
                         --min_bytes 131072 --max_bytes 1048576 --runs 30; done ;;
