@@ -239,7 +239,6 @@ def main(argv):
   flavours = _FLAVOURS.value or list(FLAVOURS)
   if unknown := sorted(set(flavours) - set(FLAVOURS)):
     raise app.UsageError(f"unknown --flavours {unknown}; choose from {list(FLAVOURS)}")
-  rows = xla_env.run_children("experiments.bench_allreduce", flavours)
   config = {"op": _OP.value, "tp": _TP.value, "dtype": "bfloat16", "chain": CHAIN,
             "iters": _ITERS.value,
             "runs": _RUNS.value, "cupti": _CUPTI.value,
@@ -247,8 +246,12 @@ def main(argv):
             "flavours": {k: FLAVOURS[k][:2] for k in flavours}, "configs": _CONFIGS.value,
             "impls": _IMPLS.value, "size_step": _STEP.value, **_apply_thresholds()}
   name = "allreduce" if _OP.value == "all_reduce" else "add_norm"
-  print(f"record: {records.write(name, config, rows)}")
-
+  rows, path = [], None
+  for done, flavour in enumerate(flavours, 1):  # the record after every child: a run cut
+    rows += xla_env.run_children("experiments.bench_allreduce", [flavour])  # short keeps it
+    path = records.write(name, config, rows, extra={"children_done": f"{done} of {len(flavours)}"},
+                         path=path)
+  print(f"record: {path}")
 
 if __name__ == "__main__":
   app.run(main)

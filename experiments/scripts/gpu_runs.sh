@@ -12,6 +12,9 @@ TUNED="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune"
 bench() { timeout "$1" python3 -m "experiments.$2" "${@:3}" 2>&1 | grep -v "^I1\|^W1" | tee -a $OUT/full.log | tail -40; }
 decode() { XLA_FLAGS="$TUNED" bench 280 bench_decode --model "${MODEL:-llama2-7b}" --tp "${TPS:-1,2}" \
              --batch "${BATCH:-1}" "$@"; }
+# Records so far, every 20 s as well: a call cut short by its limit still returns them.
+( while sleep 20; do tar czf $OUT/partial.tgz experiments/results && mv $OUT/partial.tgz $OUT/results.tgz; done ) &
+trap "kill $! 2>/dev/null" EXIT
 for step in "$@"; do
   echo "=== $step"
   case $step in
