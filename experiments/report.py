@@ -127,7 +127,8 @@ def _claims_section(rows):
   """The JAX/XLA decode study's claims next to ours, derived from the decode records.
 
   Pairs are matched on model, batch, TP, loop, matmul and GEMM path; a pair from one record
-  (one process) is preferred, then the most recent pair; a pair across records says so."""
+  (one process) is preferred, then one from one commit (one GPU session's code), then the
+  most recent pair; a pair across records or commits says so."""
   jit = [r for r in rows if r["loop"] == "jit"]
   stamp = lambda r: datetime.datetime.fromisoformat(r["date"]).timestamp()
   key = lambda r: (r["model"], r["batch"], r["tp"], r["gemm"], r["matmul"])
@@ -138,9 +139,12 @@ def _claims_section(rows):
     pairs = [(a, b, a["path"] == b["path"]) for a in jit if base(a) and a["tp"] > 1
              for b in jit if new(b) and key(b) == key(a)]
     if pairs:
-      a, b, same = min(pairs, key=lambda p: (not p[2], -min(stamp(p[0]), stamp(p[1]))))
+      a, b, same = min(pairs, key=lambda p: (not p[2], p[0]["git_sha"] != p[1]["git_sha"],
+                                             -min(stamp(p[0]), stamp(p[1]))))
+      apart = ("" if same else ", two processes" if a["git_sha"] == b["git_sha"]
+               else ", two processes of different commits")
       lines.append(f"| {claim} | {study} | {b['tpot_ms_median'] / a['tpot_ms_median'] - 1:+.1%}"
-                   f" ({what}, {a['model']}, TP={a['tp']}{'' if same else ', two processes'})"
+                   f" ({what}, {a['model']}, TP={a['tp']}{apart})"
                    f" | {a['path']}, {b['path']} |")
 
   is_ = lambda backend, cb, coll="default": lambda r: (

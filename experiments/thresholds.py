@@ -13,22 +13,26 @@ FALLBACK = "psum_default"  # what auto runs beyond its ranges: psum with XLA's d
 
 def derive(rows: list[dict], tp: int, keep_within: float = 0.05
            ) -> tuple[tuple[str, Config | None, int], ...]:
-  """At every size where psum and at least one kernel were measured, the fastest (method,
-  tiling) wins (a candidate measured more than once: its mean), except that where a kernel
+  """At every size where psum was tried and at least one kernel measured, the fastest
+  (method, tiling) that ran wins (a candidate measured more than once: its mean), except that where a kernel
   wins, the previous size's winner stays if within `keep_within` of it (no range for noise);
   consecutive sizes with one winner form a range ending at the largest of them, and ranges
   after the last kernel win are dropped (psum is the fallback)."""
   samples = collections.defaultdict(lambda: collections.defaultdict(list))
+  psum_tried = set()  # sizes where psum ran or failed (XLA cannot run it in a WHILE graph >= 8 MB)
   for r in rows:
     method = r["impl"].split("[")[0]
-    if r["op"] == "all_reduce" and r["tp"] == tp and r["loop_us"] and method in (*KERNELS,
-                                                                                   FALLBACK):
+    if r["op"] != "all_reduce" or r["tp"] != tp or method not in (*KERNELS, FALLBACK):
+      continue
+    if method == FALLBACK:
+      psum_tried.add(r["bytes"])
+    if r["loop_us"]:
       cfg = Config(r.get("vectors", 2), r.get("max_blocks", 16)) if method in KERNELS else None
       samples[r["bytes"]][("xla" if method == FALLBACK else method, cfg)].append(r["loop_us"])
   sizes = sorted(b for b, v in samples.items()
-                 if any(m == "xla" for m, _ in v) and len(v) > 1)
+                 if b in psum_tried and any(m != "xla" for m, _ in v))
   if not sizes:
-    raise ValueError(f"no size with {FALLBACK} and a kernel measured at tp={tp}")
+    raise ValueError(f"no size with {FALLBACK} tried and a kernel measured at tp={tp}")
   ranges: list[tuple[str, Config | None, int]] = []
   for size in sizes:
     mean = {k: sum(v) / len(v) for k, v in samples[size].items()}

@@ -36,7 +36,8 @@ MAX_HIDDEN = 16384
 # in ascending order; a message takes the first range that holds it, beyond the last psum
 # (ranges may name "xla" in between). TP=2: experiments/thresholds.derive over the 2xH200
 # sweep experiments/results/allreduce/20261122T060607632282Z.json and the tiling sweep
-# .../allreduce/20261122T063028449773Z.json (docs/allreduce.md has the table). TP=4 and
+# .../allreduce/20261122T063028449773Z.json (docs/allreduce.md has the table; at 8 MB XLA's
+# psum cannot run inside a WHILE graph, so the kernel takes it). TP=4 and
 # TP=8 (not measured: no such machine lent yet) follow XLA's built-in NVLink kernel limits.
 THRESHOLDS: dict[int, tuple[tuple[str, common.Config | None, int], ...]] = {
     2: (("one_shot_ll", common.Config(2, 16), 64 << 10),
@@ -44,7 +45,9 @@ THRESHOLDS: dict[int, tuple[tuple[str, common.Config | None, int], ...]] = {
         ("one_shot", common.Config(2, 16), 256 << 10),
         ("one_shot", common.Config(8, 32), 512 << 10),
         ("xla", None, 1 << 20),
-        ("one_shot", common.Config(8, 32), 2 << 20)),
+        ("one_shot", common.Config(8, 32), 2 << 20),
+        ("xla", None, 4 << 20),
+        ("one_shot", common.Config(8, 32), 8 << 20)),
     4: (("one_shot", common.Config(), 256 << 10), ("two_shot", common.Config(), 2 << 20)),
     8: (("one_shot", common.Config(), 128 << 10), ("two_shot", common.Config(), 2 << 20)),
 }

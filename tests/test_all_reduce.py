@@ -182,7 +182,7 @@ def test_thresholds_derived_from_measured_rows():
   rows = [{"op": "all_reduce", "tp": 2, "impl": impl, "bytes": b, "loop_us": v}
           for b, vals in us.items() for impl, v in zip(impls, vals)]
   rows.append({"op": "all_reduce", "tp": 2, "impl": "psum_default", "bytes": 8 << 20,
-               "loop_us": None})  # a failed case is ignored
+               "loop_us": None})  # failed, and no kernel measured there: no range
   c = common.Config()
   assert derive(rows, 2) == (("one_shot_ll", c, 8192), ("one_shot", c, 65536),
                              ("two_shot", c, 1 << 20))
@@ -198,7 +198,11 @@ def test_thresholds_derived_from_measured_rows():
   # within 5% of the fastest, the previous size's winner keeps its range (no noise ranges)
   close = [{**tiled[0], "loop_us": 18.5}]
   assert derive(rows + close, 2)[-1] == ("two_shot", c, 1 << 20)
-  with pytest.raises(ValueError, match="no size with psum_default and a kernel measured"):
+  # where psum failed (not in a WHILE graph at >= 8 MB), the fastest kernel takes the size
+  big = {"op": "all_reduce", "tp": 2, "impl": "one_shot[v8,b32]", "bytes": 8 << 20,
+         "loop_us": 50.0, **wide}
+  assert derive(rows + tiled + [big], 2)[-1] == ("one_shot", common.Config(8, 32), 8 << 20)
+  with pytest.raises(ValueError, match="no size with psum_default tried and a kernel measured"):
     derive(rows, 4)
 
 
