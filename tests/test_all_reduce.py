@@ -76,6 +76,21 @@ def test_kernels_lower_for_cuda_without_multicast(n, method, shape, dtype):
   assert lowering_checks.multicast_uses(text) == []
 
 
+@pytest.mark.parametrize("rng", range(len(all_reduce.THRESHOLDS[2])))
+def test_auto_lowers_each_tp2_range_with_its_tiling(rng):
+  """Each of auto's TP=2 ranges, at its largest message, lowers to the kernel and tiling it
+  names (one Mosaic call, aliased, no multimem), or to psum where it names xla."""
+  method, config, largest = all_reduce.THRESHOLDS[2][rng]
+  hidden = 4096 if largest <= 2 << 20 else 16384
+  shape = (largest // 2 // hidden, hidden) if largest >= 2 * hidden else (1, largest // 2)
+  mesh = _mesh(2)
+  x = jax.ShapeDtypeStruct((2 * shape[0], shape[1]), jnp.bfloat16)
+  text = lowering_checks.lower_for_cuda(_fn(mesh, "auto"), x, _ws_avals(2, *shape, jnp.bfloat16))
+  calls = lowering_checks.mosaic_calls(text)
+  assert len(calls) == (0 if method == "xla" else 1)
+  assert lowering_checks.multicast_uses(text) == []
+
+
 def test_multicast_guard_detects_multimem():
   """Negative control: a kernel that uses multimem (lowered only, never run) is caught."""
   mesh = _mesh(2)

@@ -39,7 +39,7 @@ def _run(n, method, shape, dtype, calls=1, seed=0):
   return [np.asarray(a, np.float32).reshape(n, *shape) for a in (y, ref, psum)]
 
 
-@pytest.mark.parametrize("method", ["one_shot", "one_shot_ll", "two_shot"])
+@pytest.mark.parametrize("method", ["one_shot", "one_shot_ll", "two_shot", "auto"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference_and_psum_on_every_rank(method, dtype, shape):
