@@ -29,6 +29,7 @@ instantiated) is recorded with its `error` and the sweep goes on.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from absl import app, flags
@@ -52,6 +53,8 @@ _FROM = flags.DEFINE_list("thresholds_from", None, "all_reduce records of this T
 _CUPTI = flags.DEFINE_bool("cupti", True, "Measure kernel times with CUPTI.")
 _FLAVOURS = flags.DEFINE_list("flavours", None, "Subset of the child flavours (default: all).")
 _IMPLS = flags.DEFINE_list("impls", None, "pallas flavour: subset of its implementations.")
+_DUMP = flags.DEFINE_string("dump_dir", None, "XLA dump per child under this directory; the"
+                            " record gets each child's loop thunk sequence excerpts.")
 _CONFIGS = flags.DEFINE_list("configs", ["2:16"], "pallas flavour, all_reduce: kernel tilings"
                              " `vectors:max_blocks` (common.Config) to sweep; the first is also"
                              " used by auto.")
@@ -128,7 +131,8 @@ def _cases(n):
 
 def run_child(flavour: str, out_path: str):
   collectives, command_buffers, impls_by_op = FLAVOURS[flavour]
-  xla_env.apply(command_buffers, collectives)
+  xla_env.apply(command_buffers, collectives,
+                dump_dir=os.path.join(_DUMP.value, flavour) if _DUMP.value else None)
   import jax
   import jax.numpy as jnp
   from jax import lax
@@ -249,8 +253,12 @@ def main(argv):
   rows, path = [], None
   for done, flavour in enumerate(flavours, 1):  # the record after every child: a run cut
     rows += xla_env.run_children("experiments.bench_allreduce", [flavour])  # short keeps it
-    path = records.write(name, config, rows, extra={"children_done": f"{done} of {len(flavours)}"},
-                         path=path)
+    extra = {"children_done": f"{done} of {len(flavours)}"}
+    if _DUMP.value:  # did the chained loop become one graph with a WHILE node?
+      extra["thunk_evidence"] = {f: xla_env.thunk_evidence(os.path.join(_DUMP.value, f),
+                                                           "jit_chain")
+                                 for f in flavours[:done]}
+    path = records.write(name, config, rows, extra=extra, path=path)
   print(f"record: {path}")
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ kernels). Writes a record under experiments/results/decode/ after every configur
 
 from __future__ import annotations
 
-import glob
 import os
 import tempfile
 import time
@@ -46,21 +45,6 @@ _CUPTI = flags.DEFINE_bool("cupti", False, "Sum the jit loop's kernel time with 
                            " buffers on (kernels inside graphs count): GPU busy time per step.")
 _COPY_GIB = flags.DEFINE_float("copy_gib", 2.0, "GiB copied to measure HBM bandwidth.")
 _DUMP = flags.DEFINE_string("dump_dir", None, "XLA dump directory (checks the WHILE graph).")
-
-
-def _command_buffer_evidence(dump_dir: str) -> dict:
-  """Excerpts of the decode loop's thunk sequence in the XLA dump (`Decoder.loop_fn` jits a
-  function named `_loop`): its command-buffer and while lines show whether the loop became
-  one graph with a device-side WHILE node."""
-  files = glob.glob(os.path.join(dump_dir, "*jit__loop*thunk_sequence_after_thunk_passes.txt"))
-  if not files:
-    return {"file": None, "candidates": sorted(os.path.basename(f) for f in glob.glob(
-        os.path.join(dump_dir, "*thunk_sequence_after_thunk_passes.txt")))[:40]}
-  path = max(files, key=os.path.getsize)
-  lines = open(path).read().splitlines()
-  pick = lambda word: [l.strip()[:200] for l in lines if word in l.lower()][:12]
-  return {"file": os.path.basename(path), "lines": len(lines),
-          "command_buffer_lines": pick("command"), "while_lines": pick("while")}
 
 
 def main(argv):
@@ -161,7 +145,7 @@ def main(argv):
         save()
     del state, graphdef
   if _DUMP.value:
-    extra["command_buffers_in_dump"] = _command_buffer_evidence(_DUMP.value)
+    extra["command_buffers_in_dump"] = xla_env.thunk_evidence(_DUMP.value, "jit__loop")
     log(f"thunk sequence evidence: {extra['command_buffers_in_dump']}")
   path = save()
   print(f"record: {path}")

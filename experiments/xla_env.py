@@ -6,8 +6,11 @@ computation. NVLink multicast stays off (NCCL_NVLS_ENABLE=0) in every mode.
 
 from __future__ import annotations
 
+import collections
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -18,6 +21,12 @@ COMMAND_BUFFERS = {
     "off": ["--xla_gpu_enable_command_buffer="],
     "while": ["--xla_gpu_enable_command_buffer=+WHILE,+COLLECTIVES",  # whole loop, one graph
               "--xla_gpu_graph_min_graph_size=1"],
+    # Every command type XLA has: a while loop becomes one graph only if every thunk of its
+    # body converts (XLA's CommandBufferConversionPass), else it stays a host-side loop
+    # around graph segments.
+    "while_all": ["--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
+                  "COLLECTIVES,CONDITIONAL,WHILE,DYNAMIC_SLICE_FUSION,DYNAMIC_SLICE_COPY_FUSION",
+                  "--xla_gpu_graph_min_graph_size=1"],
 }
 COLLECTIVES = {
     "default": [],                                       # XLA's own collective kernels
@@ -69,6 +78,31 @@ def hbm_copy_gbps(gib: float = 2.0, calls: int = 20, runs: int = 5) -> float:
     y.block_until_ready()
     samples.append(time.perf_counter() - t0)
   return 2 * n * 4 * calls / float(np.median(samples)) / 1e9
+
+
+_THUNK_KIND = re.compile(r"\bk[A-Z]\w+")
+
+
+def thunk_evidence(dump_dir: str, module: str) -> dict:
+  """Excerpts of a jitted function's thunk sequence in an XLA dump (`module`: its dump name,
+  e.g. `jit__loop`): whether its loop became one graph with a device-side WHILE node (a
+  while command inside a command buffer) or stayed a host-side kWhile thunk around
+  command-buffer segments, and which thunk kinds keep work outside the graphs (XLA converts
+  a while loop only if every thunk of its body converts)."""
+  files = glob.glob(os.path.join(dump_dir, f"*{module}*thunk_sequence_after_thunk_passes.txt"))
+  if not files:
+    return {"file": None, "candidates": sorted(os.path.basename(f) for f in glob.glob(
+        os.path.join(dump_dir, "*thunk_sequence_after_thunk_passes.txt")))[:40]}
+  path = max(files, key=os.path.getsize)
+  lines = open(path).read().splitlines()
+  pick = lambda word: [l.strip()[:200] for l in lines if word in l.lower()][:12]
+  kinds = collections.Counter(m.group(0) for l in lines for m in [_THUNK_KIND.search(l)] if m)
+  at = next((i for i, l in enumerate(lines) if "while" in l.lower()), None)
+  return {"file": os.path.basename(path), "lines": len(lines),
+          "command_buffer_lines": pick("command"), "while_lines": pick("while"),
+          "thunk_kinds": dict(kinds.most_common()),
+          "around_first_while": [] if at is None else
+          [l.rstrip()[:200] for l in lines[max(0, at - 15):at + 25]]}
 
 
 class ChildLog:

@@ -34,6 +34,12 @@ for step in "$@"; do
                       --flavours psum_default,psum_nccl,pallas --thresholds_from "$rec" ;;
     auto)           bench 200 bench_allreduce --tp "${TP:-2}" --impls auto --nocupti \
                       --flavours psum_default,psum_nccl,pallas ;;  # THRESHOLDS as committed
+    allreduce_dump) bench 150 bench_allreduce --tp 2 --min_bytes 8192 --max_bytes 8192 --nocupti \
+                      --runs 3 --dump_dir /tmp/dump_ar  # is the chained loop one WHILE graph?
+                    mkdir -p $OUT/dump_ar
+                    for f in /tmp/dump_ar/*/*jit_chain*thunk_sequence_after_thunk_passes.txt; do
+                      gzip -c "$f" > $OUT/dump_ar/$(basename $(dirname "$f"))_$(basename "$f").gz
+                    done ;;
     add_norm)       bench 330 bench_allreduce --tp "${TP:-2}" --op add_norm \
                       --tokens "${TOKENS:-1,4,16,64,128}" --hidden "${HIDDEN:-4096,5120,8192}" \
                       ${CUPTI_FLAG:---cupti} ;;
@@ -45,7 +51,13 @@ for step in "$@"; do
                       --gemv_configs auto,128:4:1,128:4:2,128:4:4,128:8:1,128:8:2,64:8:2,64:8:4 --runs 20 ;;
     decode_gemm)    decode --backend xla --command_buffers while --gemm cublas --runs 4 ;;
     decode_gemv)    decode --backend xla,fused --matmul xla,pallas --command_buffers while --runs 4 --loops jit ;;
-    decode_dump)    TPS=2 decode --backend xla --command_buffers while --dump_dir /tmp/dump_w --runs 2 --loops jit ;;
+    decode_dump)    TPS=2 decode --backend "${BACKENDS:-xla}" --command_buffers "${CB:-while}" \
+                      --dump_dir /tmp/dump_w \
+                      --runs 2 --loops jit
+                    mkdir -p $OUT/dump  # the loop's thunk sequence and optimized HLO, compressed
+                    for f in /tmp/dump_w/*jit__loop*thunk_sequence*.txt \
+                             /tmp/dump_w/*jit__loop*gpu_after_optimizations.txt; do
+                      gzip -c "$f" > $OUT/dump/$(basename "$f").gz; done ;;
     decode_busy)    decode --backend xla,fused --matmul xla,pallas --command_buffers while --runs 2 \
                       --loops jit --cupti ;;  # kernel time vs TPOT: the idle gaps (after diag)
     decode_while)   decode --backend xla,one_shot,fused --command_buffers while --runs 4 ;;
