@@ -86,8 +86,8 @@ def test_bad_input(residual_shape, weight_shape, message):
 
 @pytest.mark.parametrize("tokens,hidden,expected", [
     (1, 4096, (1, 1, 4, 1)), (1, 8192, (1, 1, 8, 1)), (4, 5120, (4, 1, 5, 1)),
-    (128, 4096, (8, 16, 4, 1)), (5, 576, (5, 1, 1, 1)), (1, 16384, (1, 1, 16, 1)),
-    (256, 16384, (2, 128, 16, 1))])
+    (128, 4096, (32, 4, 1, 4)), (5, 576, (5, 1, 1, 1)), (1, 16384, (1, 1, 16, 1)),
+    (16, 5120, (16, 1, 1, 5)), (16, 4096, (16, 1, 2, 2)), (256, 16384, (32, 8, 1, 16))])
 def test_grid_spreads_a_row_over_column_blocks(tokens, hidden, expected):
   width = fused_add_norm.padded_hidden(hidden)
   got = fused_add_norm.grid(tokens, width, fused_add_norm.CONFIG)
