@@ -15,7 +15,6 @@ the `nd` form), each in its own process, merged into one record.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
@@ -116,7 +115,7 @@ def measure(form: str, d_in: int, d_out: int, gemm: str, config: gemv.Config | N
 def run_child(gemm: str, out_path: str):
   xla_env.apply(gemm=gemm if gemm in xla_env.GEMMS else "default")
   d, f = 4096, 11008  # LLaMA-2-7B
-  rows = []
+  log = xla_env.ChildLog(out_path)
   for tp in map(int, _TPS.value):
     shapes = {"qkv_each": (d, d // tp), "qkv_fused": (d, 3 * d // tp), "o_proj": (d // tp, d),
               "gate_up_each": (d, f // tp), "gate_up_fused": (d, 2 * f // tp),
@@ -126,14 +125,16 @@ def run_child(gemm: str, out_path: str):
         if gemm == "pallas" and (form != "nd" or jax.default_backend() != "gpu"):
           continue  # the kernel takes the package's (out, in) layout, on a GPU
         for config in gemv_configs(gemm, d_out, d_in, _GEMV_CONFIGS.value):
-          row = {"tp": tp, "matrix": name, "gemm": gemm,
-                 "gemv_config": _config_name(config), **measure(form, d_in, d_out, gemm, config)}
-          rows.append(row)
+          case = {"tp": tp, "matrix": name, "gemm": gemm, "form": form,
+                  "gemv_config": _config_name(config)}
+          if log.done(case):
+            continue
+          log.start({**case, "us_median": None})
+          row = {**case, **measure(form, d_in, d_out, gemm, config)}
+          log.add(row)
           print(f"{gemm} tp={tp} {name:13s} {form:9s} {row['gemv_config']:11s}"
                 f" {row['us_median']:8.2f} us {row['gbps']:6.0f} GB/s rel_err"
                 f" {row['rel_err']:.1e}  {row['kernel']}", flush=True)
-          with open(out_path, "w") as out:
-            json.dump(rows, out)
 
 
 def gemv_configs(gemm: str, n: int, k: int, specs: list[str]) -> list[gemv.Config | None]:

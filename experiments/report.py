@@ -65,7 +65,7 @@ def _matvec_section(rows):
     labels = sorted({(r["tp"], r["matrix"]) for r in rows})
     width = 0.8 / len(series)
     for i, (path, gemm, form) in enumerate(series):
-      vals = [next((r["gbps"] for r in rows if (r["tp"], r["matrix"]) == l
+      vals = [next((r.get("gbps") or 0 for r in rows if (r["tp"], r["matrix"]) == l
                     and (r["path"], r["gemm"], r["form"]) == (path, gemm, form)), 0)
               for l in labels]
       ax.bar([j + width * i for j in range(len(labels))], vals, width=width,
