@@ -160,3 +160,19 @@ def test_a_child_that_dies_during_a_case_is_restarted_after_it(tmp_path, monkeyp
   assert [r["case"] for r in rows] == [0, 1, 2, 3]
   assert rows[1]["value"] is None and "died" in rows[1]["error"]
   assert [r["value"] for r in rows if r["case"] != 1] == [0, 20, 30]
+
+
+def test_thunk_evidence_reads_the_named_module(tmp_path):
+  """xla_env.thunk_evidence: the loop's own thunk sequence, its kinds and the while context."""
+  from experiments import xla_env
+  (tmp_path / "module_0001.jit__loop.thunk_sequence_after_thunk_passes.txt").write_text(
+      "000: kCommandBuffer [source | next=006 (1)]\n006: kWhile [prev=000 (1) | next=000 (1)]\n"
+      "  000: kCommandBuffer [source | next=010 (1)]\n  010: kCollectiveKernel [prev=000 (1)]\n")
+  (tmp_path / "module_0002.jit__prefill.thunk_sequence_after_thunk_passes.txt").write_text(
+      "000: kKernel\n" * 50)
+  got = xla_env.thunk_evidence(str(tmp_path), "jit__loop")
+  assert got["file"].startswith("module_0001.jit__loop")
+  assert got["thunk_kinds"] == {"kCommandBuffer": 2, "kWhile": 1, "kCollectiveKernel": 1}
+  assert got["while_lines"] == ["006: kWhile [prev=000 (1) | next=000 (1)]"]
+  assert len(got["around_first_while"]) == 4
+  assert xla_env.thunk_evidence(str(tmp_path), "jit_chain")["file"] is None
