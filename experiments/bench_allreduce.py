@@ -55,12 +55,15 @@ _FLAVOURS = flags.DEFINE_list("flavours", None, "Subset of the child flavours (d
 _IMPLS = flags.DEFINE_list("impls", None, "pallas flavour: subset of its implementations.")
 _DUMP = flags.DEFINE_string("dump_dir", None, "XLA dump per child under this directory; the"
                             " record gets each child's loop thunk sequence excerpts.")
+_FUSED_BLOCKS = flags.DEFINE_list("fused_blocks", ["32"], "add_norm: grid caps (blocks) for the"
+                                  " fused kernels to sweep; the first is the kernel's default.")
 _CONFIGS = flags.DEFINE_list("configs", ["2:16"], "pallas flavour, all_reduce: kernel tilings"
                              " `vectors:max_blocks` (common.Config) to sweep; the first is also"
                              " used by auto.")
 
 CHAIN = 16
 MEASURES = ("loop_us", "single_us", "error", "workspace_copies", "kernel_us", "other_kernel_us")
+FUSED = {"fused": "flags", "fused_ll": "ll"}  # add_norm impl -> fused_add_norm protocol
 KERNELS = ("one_shot", "one_shot_ll", "two_shot")  # the pallas methods that take a tiling
 FLAVOURS = {  # child -> (XLA collectives mode, command buffers, implementations per op)
     "psum_default": ("default", "while", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
@@ -139,7 +142,7 @@ def run_child(flavour: str, out_path: str):
   from jax.sharding import PartitionSpec as P
 
   from experiments import cupti
-  from models.collectives import BACKENDS, workspace_capacity
+  from models.collectives import BACKENDS, fused_backend, workspace_capacity
   from models.sharding import make_mesh
   from pallas_kernels import all_reduce, common, lowering_checks, workspace
 
@@ -150,16 +153,18 @@ def run_child(flavour: str, out_path: str):
   configs = [common.Config(*map(int, c.split(":"))) for c in _CONFIGS.value]
   impls = [i for i in impls_by_op[_OP.value]
            if flavour != "pallas" or not _IMPLS.value or i in _IMPLS.value]
+  fused_configs = [common.Config(max_blocks=int(b)) for b in _FUSED_BLOCKS.value]
   variants = [(impl, cfg) for impl in impls
-              for cfg in (configs if impl in KERNELS and _OP.value == "all_reduce"
-                          else configs[:1])]
+              for cfg in (configs if impl in KERNELS and _OP.value == "all_reduce" else
+                          fused_configs if impl in FUSED else configs[:1])]
   log = xla_env.ChildLog(out_path)
   for tokens, hidden, nbytes in _cases(n):
     for impl, cfg in variants:
       kernel_ok = tokens <= all_reduce.MAX_TOKENS and hidden <= all_reduce.MAX_HIDDEN
       if impl in KERNELS and not kernel_ok:
         continue
-      tag = "" if cfg == configs[0] else f"[v{cfg.vectors},b{cfg.max_blocks}]"
+      tag = (("" if cfg == fused_configs[0] else f"[b{cfg.max_blocks}]") if impl in FUSED else
+             "" if cfg == configs[0] else f"[v{cfg.vectors},b{cfg.max_blocks}]")
       case = {"op": _OP.value, "flavour": flavour,
               "impl": (impl if impl != "xla" else flavour) + tag, "tp": n, "bytes": nbytes,
               "vectors": cfg.vectors, "max_blocks": cfg.max_blocks,
@@ -178,9 +183,11 @@ def run_child(flavour: str, out_path: str):
       w = jnp.ones((hidden,), jnp.bfloat16)
 
       if _OP.value == "add_norm":  # carry (partial, residual): the normed output feeds on
+        backend = fused_backend(FUSED[impl], cfg) if impl in FUSED else BACKENDS[impl]
+
         def op(carry, ws):
           (x, r) = carry
-          x, r, ws = BACKENDS[impl].reduce_add_norm(x, r, w, 1e-5, "tp", ws)
+          x, r, ws = backend.reduce_add_norm(x, r, w, 1e-5, "tp", ws)
           return (x, r), ws
         carry = (jax.random.normal(jax.random.key(nbytes), (n * tokens, 1, hidden), jnp.bfloat16),
                  jax.random.normal(jax.random.key(1), (n * tokens, 1, hidden), jnp.bfloat16))

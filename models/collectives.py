@@ -87,8 +87,9 @@ def init_workspace(mesh, axis, example):
                         example.dtype)
 
 
-def _fused_backend(protocol: str) -> Backend:
-  """All-reduce, add and norm in one kernel (pallas_kernels/fused_add_norm.py)."""
+def fused_backend(protocol: str, config=fused_add_norm.CONFIG) -> Backend:
+  """All-reduce, add and norm in one kernel (pallas_kernels/fused_add_norm.py); `config`
+  caps its grid (benchmarks sweep it)."""
 
   def reduce_add_norm(partial, residual, norm_w, eps, axis, ws):
     b, t, d = partial.shape
@@ -97,7 +98,7 @@ def _fused_backend(protocol: str) -> Backend:
     with jax.named_scope("all_reduce"):
       normed, new_residual, ws = fused_add_norm.all_reduce_add_norm(
           partial.reshape(b * t, d), residual.reshape(b * t, d), norm_w, ws, axis, eps,
-          protocol=protocol)
+          config=config, protocol=protocol)
     return normed.reshape(b, t, d), new_residual.reshape(b, t, d), ws
 
   return Backend(reduce_add_norm, init_workspace, workspace.spec)
@@ -109,8 +110,8 @@ BACKENDS: dict[str, Backend] = {
     "one_shot_ll": _kernel_backend("one_shot_ll"),
     "two_shot": _kernel_backend("two_shot"),
     "auto": _kernel_backend("auto"),
-    "fused": _fused_backend("flags"),
-    "fused_ll": _fused_backend("ll"),
+    "fused": fused_backend("flags"),
+    "fused_ll": fused_backend("ll"),
 }
 
 

@@ -8,7 +8,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from models.collectives import rms_norm
-from pallas_kernels import fused_add_norm, lowering_checks, workspace
+from pallas_kernels import common, fused_add_norm, lowering_checks, workspace
 
 SHAPES = [(1, 4096), (3, 576), (16, 8192), (128, 5120), (256, 16384)]
 
@@ -17,12 +17,12 @@ def _mesh(n):
   return Mesh(np.array(jax.devices()[:n]), ("tp",))
 
 
-def _fn(mesh, eps=1e-5, protocol="flags"):
+def _fn(mesh, eps=1e-5, protocol="flags", config=fused_add_norm.CONFIG):
   spec = workspace.spec("tp")
 
   def f(partial, residual, weight, ws):
     return fused_add_norm.all_reduce_add_norm(partial, residual, weight, ws, "tp", eps,
-                                              protocol=protocol)
+                                              config=config, protocol=protocol)
   return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("tp"), P("tp"), P(), spec),
                                out_specs=(P("tp"), P("tp"), spec), check_vma=False),
                  donate_argnums=3)
@@ -70,6 +70,22 @@ def test_lowers_for_cuda_without_multicast(n, shape, dt, protocol):
   calls = lowering_checks.mosaic_calls(text)
   assert len(calls) == 1 and "output_operand_aliases" in calls[0]
   assert lowering_checks.multicast_uses(text) == []
+
+
+@pytest.mark.parametrize("protocol", sorted(fused_add_norm.PROTOCOLS))
+@pytest.mark.parametrize("blocks", [1, 4])
+@pytest.mark.parametrize("shape", [(1, 4096), (16, 8192)])
+def test_smaller_grid_caps_lower(shape, blocks, protocol):
+  """The grid caps bench_allreduce --fused_blocks sweeps (one block: no redundant row reads)."""
+  mesh = _mesh(2)
+  x = jax.ShapeDtypeStruct((2 * shape[0], shape[1]), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((shape[1],), jnp.bfloat16)
+  ws = _ws(mesh, 2, *shape, jnp.bfloat16, abstract=True, protocol=protocol)
+  config = common.Config(max_blocks=blocks)
+  text = lowering_checks.lower_for_cuda(_fn(mesh, protocol=protocol, config=config), x, x, w, ws)
+  assert len(lowering_checks.mosaic_calls(text)) == 1
+  groups, _, col_blocks, _ = fused_add_norm.grid(shape[0], shape[1], config)
+  assert groups * col_blocks <= blocks
 
 
 @pytest.mark.parametrize("residual_shape,weight_shape,message", [

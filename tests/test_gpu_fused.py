@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from models.collectives import rms_norm
 from model_helpers import gpu_ranks
 from models.sharding import make_mesh
-from pallas_kernels import fused_add_norm, lowering_checks, workspace
+from pallas_kernels import common, fused_add_norm, lowering_checks, workspace
 
 pytestmark = pytest.mark.gpu(count=2)
 
@@ -19,14 +19,14 @@ def _capacity(tokens, hidden, protocol):
   return fused_add_norm.PROTOCOLS[protocol] * tokens * fused_add_norm.padded_hidden(hidden)
 
 
-def _build(n, tokens, hidden, protocol):
+def _build(n, tokens, hidden, protocol, config=fused_add_norm.CONFIG):
   mesh = make_mesh(n)
   spec = workspace.spec("tp")
   ws = workspace.init(mesh, "tp", _capacity(tokens, hidden, protocol), jnp.bfloat16)
 
   def once(p, r, w, ws):
     out, new_res, ws = fused_add_norm.all_reduce_add_norm(p, r, w, ws, "tp", 1e-5,
-                                                          protocol=protocol)
+                                                          config=config, protocol=protocol)
     ref_out, ref_res = fused_add_norm.reference(p, r, w, "tp", 1e-5)
     new = (r.astype(jnp.float32) + lax.psum(p, "tp").astype(jnp.float32)).astype(r.dtype)
     return out, new_res, ref_out, ref_res, rms_norm(new, w, 1e-5), new, ws
@@ -38,12 +38,16 @@ def _build(n, tokens, hidden, protocol):
 
 CASES = ([("flags", t, h) for t in (1, 4, 16, 64, 128) for h in (2048, 4096, 5120, 8192)]
          + [("ll", t, h) for t, h in ((1, 4096), (4, 5120), (16, 8192), (64, 4096), (128, 2048))])
+# Smaller grid caps (bench_allreduce --fused_blocks): one block per row group or fewer.
+CAPPED = [(proto, t, h, b) for proto in ("flags", "ll") for t, h in ((1, 4096), (16, 5120))
+          for b in (1, 4)]
 
 
-@pytest.mark.parametrize("protocol,tokens,hidden", CASES)
-def test_matches_unfused_sequence(protocol, tokens, hidden):
+@pytest.mark.parametrize("protocol,tokens,hidden,blocks",
+                         [(*c, fused_add_norm.CONFIG.max_blocks) for c in CASES] + CAPPED)
+def test_matches_unfused_sequence(protocol, tokens, hidden, blocks):
   for n in gpu_ranks():
-    f, ws = _build(n, tokens, hidden, protocol)
+    f, ws = _build(n, tokens, hidden, protocol, common.Config(max_blocks=blocks))
     key = jax.random.key(tokens * hidden)
     for i in range(3):
       k1, k2, k3 = jax.random.split(jax.random.fold_in(key, i), 3)

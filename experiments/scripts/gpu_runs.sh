@@ -42,7 +42,7 @@ for step in "$@"; do
                     done ;;
     add_norm)       bench 330 bench_allreduce --tp "${TP:-2}" --op add_norm \
                       --tokens "${TOKENS:-1,4,16,64,128}" --hidden "${HIDDEN:-4096,5120,8192}" \
-                      ${CUPTI_FLAG:---cupti} ;;
+                      --fused_blocks "${FUSED_BLOCKS:-32,1}" ${CUPTI_FLAG:---cupti} ;;
     diag)           for c in ${DIAG:-nocupti cupti}; do  # the abort at 256 KB (docs/allreduce.md), with copy counts
                       bench 150 bench_allreduce --tp 2 --flavours pallas --impls one_shot --$c \
                         --min_bytes 131072 --max_bytes 1048576 --runs 30; done ;;
