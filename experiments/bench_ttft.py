@@ -17,8 +17,8 @@ that starts serving as soon as the weights are loaded:
 
 TTFT is prompt in -> first token on the host. Each request prefills the cache the previous
 one returned (a server takes it from a pool), so cache allocation is not counted. A first
-phase compiles and times every candidate bucket (16 and multiples of 32) and scores bucket
-sets on the workload; this is how models/prefill_runtime.default_buckets was chosen.
+phase compiles and times every candidate bucket (powers of two from 16, then multiples of --profile_step) and
+scores bucket sets on the workload; this is how models/prefill_runtime.default_buckets was chosen.
 Writes a record under experiments/results/ttft/.
 """
 
@@ -59,6 +59,9 @@ _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Empty or new persistent-cac
 _CB = flags.DEFINE_enum("command_buffers", "default", list(xla_env.COMMAND_BUFFERS),
                         "XLA command buffers on GPU (experiments/xla_env.py).")
 _PROFILE = flags.DEFINE_bool("profile_buckets", True, "Time every candidate bucket first.")
+_PROFILE_STEP = flags.DEFINE_integer(
+    "profile_step", 32, "Candidate buckets: powers of two below this, then its multiples (a 7B"
+    " model compiles for seconds per bucket: 64 halves the profile's time on a GPU call).")
 _RECORD = flags.DEFINE_bool("record", True, "Write a record under experiments/results/.")
 
 
@@ -271,7 +274,7 @@ def main(argv):
   exact_ms = None
   if _PROFILE.value:
     print("profiling candidate buckets", flush=True)
-    candidates = (16, *range(32, max_len, 32), max_len)
+    candidates = prefill_runtime.default_buckets(max_len, step=_PROFILE_STEP.value)
     profile = _in_fresh_process(_profile, {**job, "candidates": candidates})
     rows += [{"row": "bucket_profile", **p} for p in profile]
     xs, ys = [p["length"] for p in profile], [p["run_ms"] for p in profile]
@@ -287,6 +290,7 @@ def main(argv):
             "seed": _SEED.value, "max_len": max_len, "buckets": ",".join(map(str, buckets)),
             "policies": ",".join(policies), "naive_requests": _NAIVE_REQUESTS.value,
             "grid": ",".join(map(str, GRID)), "dtype": "bfloat16", "batch": 1,
+            "profile_step": _PROFILE_STEP.value,
             "command_buffers": _CB.value, "xla_flags_set": xla_flags, "cpu_count": os.cpu_count()}
   path = None
   for done, (policy, start) in enumerate(runs, 1):

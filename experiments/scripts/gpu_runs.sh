@@ -72,7 +72,7 @@ for step in "$@"; do
     decode_off)     decode --backend xla,fused --command_buffers off --profile --cupti --runs 4 ;;
     ttft)           bench 560 bench_ttft --model llama2-7b --tp "${TP:-1}" \
                       --policies "${POLICIES:-naive,pad_max,buckets,hybrid}" \
-                      --naive_requests "${NAIVE_REQUESTS:-40}" ;;
+                      --naive_requests "${NAIVE_REQUESTS:-25}" --profile_step "${PROFILE_STEP:-64}" ;;
     generate)       for tp in 1 2; do timeout 90 python3 -m experiments.generate --tp $tp 2>&1 \
                       | grep -v "^I1\|^W1" | tail -7; done ;;
     *) echo "unknown step $step" ;;
