@@ -17,8 +17,9 @@ that starts serving as soon as the weights are loaded:
 
 TTFT is prompt in -> first token on the host. Each request prefills the cache the previous
 one returned (a server takes it from a pool), so cache allocation is not counted. A first
-phase compiles and times every candidate bucket (powers of two from 16, then multiples of --profile_step) and
-scores bucket sets on the workload; this is how models/prefill_runtime.default_buckets was chosen.
+phase compiles and times every candidate bucket (powers of two from 16, then multiples of
+--profile_step) and scores bucket sets on the workload; this is how
+models/prefill_runtime.default_buckets was chosen.
 Writes a record under experiments/results/ttft/.
 """
 
