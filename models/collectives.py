@@ -36,10 +36,13 @@ class Backend:
   """An all-reduce implementation behind `Comm`.
 
   reduce_add_norm(partial, residual, norm_w, eps, axis, state) -> (normed, residual, state)
+  gather_words(words (b, k) int32, axis, state) -> ((b, n, k) int32 of every rank, state)
   init_state(mesh, axis, example, num_calls) -> per-rank state pytree (global arrays) or None
   """
 
   reduce_add_norm: Callable[..., tuple[jax.Array, jax.Array, Any]]
+  gather_words: Callable[..., tuple[jax.Array, Any]] = (
+      lambda words, axis, state: (lax.all_gather(words, axis, axis=1), state))
   init_state: Callable[..., Any] = lambda *args, **kwargs: None
   state_spec: Callable[[str], Any] = lambda axis: None
 
@@ -53,6 +56,26 @@ def _xla_reduce_add_norm(partial, residual, norm_w, eps, axis, state):
 def _add_norm(total, residual, norm_w, eps):
   new_residual = (residual.astype(jnp.float32) + total.astype(jnp.float32)).astype(residual.dtype)
   return rms_norm(new_residual, norm_w, eps), new_residual
+
+
+def _kernel_gather_words(words, axis, ws):
+  """An exact all-gather of a few int32 words per row through the peer-write all-reduce, so
+  that a decode step holds no XLA collective (XLA's own collectives keep a loop out of a
+  CUDA graph's WHILE node, docs/decode_baseline.md): every word travels as four bytes, each
+  an integer 0..255 (exact in bf16 and f32, the workspace's dtype), in this rank's own
+  columns of a zero message; a sum with zeros is exact, so the all-reduce returns every
+  rank's bytes unchanged."""
+  b, k = words.shape
+  n, me = lax.axis_size(axis), lax.axis_index(axis)
+  shifts = jnp.arange(4, dtype=jnp.uint32) * 8
+  u = lax.bitcast_convert_type(words, jnp.uint32)
+  mine = ((u[..., None] >> shifts) & 0xFF).astype(ws.slots.dtype).reshape(b, 1, 4 * k)
+  message = jnp.where((jnp.arange(n) == me)[None, :, None], mine, jnp.zeros_like(mine))
+  with jax.named_scope("all_reduce"):
+    total, ws = all_reduce.all_reduce(message.reshape(b, n * 4 * k), ws, axis, "auto")
+  byte = total.astype(jnp.float32).astype(jnp.uint32).reshape(b, n, k, 4)
+  return lax.bitcast_convert_type(jnp.sum(byte << shifts, axis=-1, dtype=jnp.uint32),
+                                  jnp.int32), ws
 
 
 def _kernel_backend(method: str) -> Backend:
@@ -70,7 +93,7 @@ def _kernel_backend(method: str) -> Backend:
       total, ws = all_reduce.all_reduce(x, ws, axis, chosen)
     return (*_add_norm(total.reshape(b, t, d), residual, norm_w, eps), ws)
 
-  return Backend(reduce_add_norm, init_workspace, workspace.spec)
+  return Backend(reduce_add_norm, _kernel_gather_words, init_workspace, workspace.spec)
 
 
 def workspace_capacity(example, n: int) -> int:
@@ -101,7 +124,7 @@ def fused_backend(protocol: str, config=fused_add_norm.CONFIG) -> Backend:
           config=config, protocol=protocol)
     return normed.reshape(b, t, d), new_residual.reshape(b, t, d), ws
 
-  return Backend(reduce_add_norm, init_workspace, workspace.spec)
+  return Backend(reduce_add_norm, _kernel_gather_words, init_workspace, workspace.spec)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -130,6 +153,10 @@ class Comm:
   def reduce_add_norm(self, partial, residual, norm_w, state):
     impl = BACKENDS[self.backend].reduce_add_norm
     return impl(partial, residual, norm_w, self.eps, self.axis, state)
+
+  def gather_words(self, words, state):
+    """Every rank's (b, k) int32 words, exactly: (b, n, k), and the new state."""
+    return BACKENDS[self.backend].gather_words(words, self.axis, state)
 
   def rank(self) -> jax.Array:
     return lax.axis_index(self.axis)

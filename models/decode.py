@@ -130,15 +130,17 @@ class Decoder:
   def _model(self, state) -> Llama:
     return nnx.merge(self.graphdef, state)
 
-  def _greedy(self, logits_bv: jax.Array) -> jax.Array:
-    """Global argmax over vocab-parallel logits: local best, then one small all-gather."""
+  def _greedy(self, logits_bv: jax.Array, comm_state):
+    """Global argmax over vocab-parallel logits: each rank's best (value, index), exchanged
+    exactly as int32 words through the comm backend. Returns (tokens (b,), comm state)."""
     v_local = logits_bv.shape[-1]
-    best = jnp.max(logits_bv, axis=-1)
+    best = jnp.max(logits_bv, axis=-1).astype(jnp.float32)
     idx = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32) + self.comm.rank() * v_local
-    all_best = lax.all_gather(best, sharding.TP, axis=1)  # (b, tp)
-    all_idx = lax.all_gather(idx, sharding.TP, axis=1)
+    words = jnp.stack([lax.bitcast_convert_type(best, jnp.int32), idx], axis=-1)  # (b, 2)
+    all_bnk, comm_state = self.comm.gather_words(words, comm_state)
+    all_best = lax.bitcast_convert_type(all_bnk[..., 0], jnp.float32)  # (b, tp)
     winner = jnp.argmax(all_best, axis=1)  # first (lowest-vocab) rank on ties
-    return jnp.take_along_axis(all_idx, winner[:, None], axis=1)[:, 0]
+    return jnp.take_along_axis(all_bnk[..., 1], winner[:, None], axis=1)[:, 0], comm_state
 
   def _prefill(self, state, cache, comm_state, tokens_bt, lengths_b):
     t = tokens_bt.shape[1]
@@ -147,14 +149,16 @@ class Decoder:
         tokens_bt, pos, cache, self.comm, comm_state, prefill=True, logits_at=lengths_b - 1,
         matmul=self.matmul)
     cache = cache._replace(lengths=lengths_b)
-    return self._greedy(logits[:, 0]), logits[:, 0], cache, comm_state
+    nxt, comm_state = self._greedy(logits[:, 0], comm_state)
+    return nxt, logits[:, 0], cache, comm_state
 
   def _step(self, state, cache, comm_state, tokens_b):
     pos = cache.lengths[:, None]
     logits, cache, comm_state = self._model(state)(
         tokens_b[:, None], pos, cache, self.comm, comm_state, prefill=False, matmul=self.matmul)
     cache = cache._replace(lengths=cache.lengths + 1)
-    return self._greedy(logits[:, 0]), logits[:, 0], cache, comm_state
+    nxt, comm_state = self._greedy(logits[:, 0], comm_state)
+    return nxt, logits[:, 0], cache, comm_state
 
   def _loop(self, state, cache, comm_state, first_b, *, steps: int, stop_at_eos: bool):
     b = first_b.shape[0]

@@ -1,5 +1,7 @@
 """Tensor parallelism on 8 fake CPU devices: TP=1/2/4/8 give TP=1's logits and tokens."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -89,7 +91,9 @@ def test_kernel_backends_give_xla_tokens(tmp_path, tp1, backend, tp):
 
 @pytest.mark.parametrize("backend", ["one_shot", "one_shot_ll", "two_shot", "fused", "fused_ll"])
 def test_decode_loop_lowers_for_cuda_with_kernels(tmp_path, tp1, backend):
-  """The whole jitted decode loop lowers for CUDA: one kernel per all-reduce, no multicast."""
+  """The whole jitted decode loop lowers for CUDA: one kernel per all-reduce and one for the
+  argmax exchange, no XLA collective (they keep the loop out of a WHILE graph), no
+  multicast."""
   from pallas_kernels import lowering_checks
   weights = tp1["tiny"][0]
   dec = decoder_from_weights(tmp_path, CONFIGS["tiny"], weights, tp=2, backend=backend)
@@ -97,7 +101,8 @@ def test_decode_loop_lowers_for_cuda_with_kernels(tmp_path, tp1, backend):
   first = jax.numpy.zeros((2,), jax.numpy.int32)
   text = lowering_checks.lower_for_cuda(dec.loop_fn(4, False), dec.state, cache, comm, first)
   layers = CONFIGS["tiny"]["num_hidden_layers"]
-  assert len(lowering_checks.mosaic_calls(text)) == 2 * layers + 1  # per step, inside the loop
+  assert len(lowering_checks.mosaic_calls(text)) == 2 * layers + 2  # per step, inside the loop
+  assert not re.search(r"stablehlo\.(all_gather|all_reduce|reduce_scatter|all_to_all)", text)
   assert lowering_checks.multicast_uses(text) == []
 
 
@@ -108,3 +113,25 @@ def test_fused_backend_gives_xla_tokens(tmp_path, tp1, tp):
   for loop in ("jit", "python"):
     np.testing.assert_array_equal(dec.generate(PROMPTS, 10, loop=loop, stop_at_eos=False).tokens,
                                   tokens1)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("backend", ["xla", "one_shot", "fused_ll"])
+def test_gather_words_is_exact(n, backend):
+  """Comm.gather_words returns every rank's int32 words bit for bit, whatever the words
+  (negative, NaN patterns as f32), on the CPU path of every kind of backend."""
+  from jax.sharding import PartitionSpec as P
+  from models.collectives import BACKENDS, Comm
+  mesh = sharding.make_mesh(n)
+  comm = Comm(backend)
+  example = jax.ShapeDtypeStruct((3, 1, 64), jax.numpy.bfloat16)
+  state = BACKENDS[backend].init_state(mesh, "tp", example)
+  spec = BACKENDS[backend].state_spec("tp")
+  words = np.random.default_rng(n).integers(-2**31, 2**31, (n * 3, 2), dtype=np.int64)
+  words[0, 0] = np.array(np.nan, np.float32).view(np.int32)
+  words = words.astype(np.int32)
+  f = jax.jit(jax.shard_map(lambda w, s: comm.gather_words(w, s), mesh=mesh,
+                            in_specs=(P("tp"), spec), out_specs=(P("tp"), spec), check_vma=False))
+  got, _ = f(words, state)
+  expected = np.broadcast_to(words.reshape(n, 3, 2).transpose(1, 0, 2), (n, 3, n, 2))
+  np.testing.assert_array_equal(np.asarray(got).reshape(n, 3, n, 2), expected)
