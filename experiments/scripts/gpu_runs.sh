@@ -51,13 +51,13 @@ for step in "$@"; do
                       --gemv_configs auto,128:4:1,128:4:2,128:4:4,128:8:1,128:8:2,64:8:2,64:8:4 --runs 20 ;;
     decode_gemm)    decode --backend xla --command_buffers while --gemm cublas --runs 4 ;;
     decode_gemv)    decode --backend xla,fused --matmul xla,pallas --command_buffers while --runs 4 --loops jit ;;
-    decode_dump)    TPS=2 decode --backend "${BACKENDS:-xla}" --command_buffers "${CB:-while}" \
-                      --dump_dir /tmp/dump_w \
-                      --runs 2 --loops jit
-                    mkdir -p $OUT/dump  # the loop's thunk sequence and optimized HLO, compressed
-                    for f in /tmp/dump_w/*jit__loop*thunk_sequence*.txt \
-                             /tmp/dump_w/*jit__loop*gpu_after_optimizations.txt; do
-                      gzip -c "$f" > $OUT/dump/$(basename "$f").gz; done ;;
+    decode_dump)    d=dump_${BACKENDS:-xla}_${CB:-while}  # one process per backend: one loop module
+                    TPS=2 decode --backend "${BACKENDS:-xla}" --command_buffers "${CB:-while}" \
+                      --dump_dir /tmp/$d --runs 2 --loops jit
+                    mkdir -p $OUT/$d  # the loop's thunk sequence and optimized HLO, compressed
+                    for f in /tmp/$d/*jit__loop*thunk_sequence*.txt \
+                             /tmp/$d/*jit__loop*gpu_after_optimizations.txt; do
+                      gzip -c "$f" > $OUT/$d/$(basename "$f").gz; done ;;
     decode_busy)    decode --backend xla,fused --matmul xla,pallas --command_buffers while --runs 2 \
                       --loops jit --cupti ;;  # kernel time vs TPOT: the idle gaps (after diag)
     decode_while)   decode --backend xla,one_shot,fused --command_buffers while --runs 4 ;;
