@@ -217,9 +217,10 @@ def _ratio(a, b):
 def _allreduce_section(rows):
   parts = ["## All-reduce latency (experiments/bench_allreduce.py)\n\n"
            "µs per all-reduce in the decode-shaped loop (`loop_us`: 16 chained all-reduces per"
-           " iteration, the loop one CUDA graph with a WHILE node; NCCL: default command buffers,"
-           " see the benchmark's docstring). `fails`: XLA could not run that configuration"
-           " (the record holds the error). Per record:"]
+           " iteration, compiled with `+WHILE` command buffers; whether XLA made each loop one"
+           " graph: docs/allreduce.md; NCCL: default command buffers, see the benchmark's"
+           " docstring). `fails`: XLA could not run that configuration (the record holds the"
+           " error). Per record, with issue 4's goals where the record ran `auto` beside psum:"]
   for path, tp, mine, heading in _record_tp_groups(rows):
     pivot, impls = _pivot(mine, ["bytes"])
     auto = {r["bytes"]: r["method"] for r in mine if r["impl"] == "auto"}
@@ -244,10 +245,33 @@ def _allreduce_section(rows):
       ax.set_ylabel("µs per all-reduce (decode-shaped loop)")
       ax.legend(fontsize=7)
 
-    parts.append(heading + "\n\n" + _plot(f"allreduce_{stem}_tp{tp}", draw) + "\n\n"
-                 + table(pivot, ["bytes", *impls, "auto picks", "ours / fastest psum",
-                                 "ours / psum_default", "ours / psum_nccl"]))
+    parts.append(heading + "\n\n" + _goals(pivot) + _plot(f"allreduce_{stem}_tp{tp}", draw)
+                 + "\n\n" + table(pivot, ["bytes", *impls, "auto picks", "ours / fastest psum",
+                                          "ours / psum_default", "ours / psum_nccl"]))
   return "\n\n".join(parts)
+
+
+def _goals(pivot) -> str:
+  """Issue 4's goals for one record's `auto` against psum in the same run ("" without both)."""
+  rows = {r["bytes"]: r for r in pivot if isinstance(r.get("auto"), float)}
+  small = [rows[b] for b in sorted(rows) if 8 << 10 <= b <= 256 << 10]
+  if 8 << 10 not in rows or not all(isinstance(r.get("psum_default"), float)
+                                    and isinstance(r.get("psum_nccl"), float) for r in small):
+    return ""
+  worst = max((r for r in rows.values() if r["ours / fastest psum"] is not None),
+              key=lambda r: r["ours / fastest psum"])
+  failed = sorted(r["bytes"] for r in pivot if r.get("auto") == "fails")
+  lines = [
+      f"- 8 KB per op: {rows[8 << 10]['auto']:.2f} µs (goal <= 6 µs)",
+      f"- 8-256 KB, auto / psum_default: {min(r['ours / psum_default'] for r in small):.2f}-"
+      f"{max(r['ours / psum_default'] for r in small):.2f}x (goal <= 0.8x)",
+      f"- 8-256 KB, auto / psum_nccl: {min(r['ours / psum_nccl'] for r in small):.2f}-"
+      f"{max(r['ours / psum_nccl'] for r in small):.2f}x (goal <= 0.4x)",
+      f"- auto / faster psum, worst size where both ran: {worst['ours / fastest psum']:.3f}x"
+      f" at {worst['bytes']} bytes (goal <= 1.05x)"]
+  if failed:
+    lines.append(f"- auto could not run (XLA error) at {', '.join(map(str, failed))} bytes")
+  return "\n".join(lines) + "\n\n"
 
 
 def _ttft_section(rows):
