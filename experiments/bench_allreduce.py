@@ -14,10 +14,14 @@ XLA flags are per process, so this binary runs one child process per psum flavou
 Measures, per implementation and bf16 message size (bytes per rank):
 - `loop_us`: the decode-shaped measure. A `fori_loop` whose body chains 16 all-reduces
   (each result rescaled by 1/n so that values stay finite; the same for every
-  implementation), compiled with `+WHILE` command buffers into one graph; elapsed time
-  of the whole executable / (iterations x 16), idle gaps included. NCCL cannot run inside
+  implementation), compiled with `+WHILE` command buffers (whether XLA makes it one graph:
+  docs/allreduce.md); host time of the whole executable / (iterations x 16), idle gaps
+  included. NCCL cannot run inside
   a graph's WHILE node (instantiation fails, seen on 2xH200), so `psum_nccl` runs the same
   loop with XLA's default command buffers: a host-driven loop, as NCCL runs in decode.
+- `loop_device_us`: the same loop timed on the GPU: `%globaltimer` stamps in the data flow
+  before the first op and after the last (experiments/device_clock.py), slowest GPU, median
+  over the runs; no host launch or synchronization inside.
 - `single_us`: one all-reduce per jitted call, end to end on the host.
 - `kernel_us`: GPU time of the all-reduce kernels per op (CUPTI over one loop execution,
   so the ranks run in lockstep; a kernel that waits for its peer counts the wait).
@@ -62,7 +66,7 @@ _CONFIGS = flags.DEFINE_list("configs", ["2:16"], "pallas flavour, all_reduce: k
                              " used by auto.")
 
 CHAIN = 16
-MEASURES = ("loop_us", "single_us", "error", "workspace_copies", "kernel_us", "other_kernel_us")
+MEASURES = ("loop_us", "loop_device_us", "clock_error", "single_us", "error", "workspace_copies", "kernel_us", "other_kernel_us")
 FUSED = {"fused": "flags", "fused_ll": "ll"}  # add_norm impl -> fused_add_norm protocol
 KERNELS = ("one_shot", "one_shot_ll", "two_shot")  # the pallas methods that take a tiling
 FLAVOURS = {  # child -> (XLA collectives mode, command buffers, implementations per op)
@@ -115,14 +119,13 @@ def _shape(nbytes: int) -> tuple[int, int]:
   return (1, elems) if elems < 4096 else (elems // 16384, 16384)
 
 
-def _median_s(fn, runs):
-  import numpy as np
-  samples = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    fn()
-    samples.append(time.perf_counter() - t0)
-  return float(np.median(samples)), samples
+def _stamp_first(carry):
+  """A device timestamp (experiments/device_clock.py) in the data flow of carry's first leaf."""
+  import jax
+  from experiments import device_clock
+  leaves, tree = jax.tree.flatten(carry)
+  leaves[0], t = device_clock.stamp(leaves[0])
+  return jax.tree.unflatten(tree, leaves), t
 
 
 def _cases(n):
@@ -138,10 +141,11 @@ def run_child(flavour: str, out_path: str):
                 dump_dir=os.path.join(_DUMP.value, flavour) if _DUMP.value else None)
   import jax
   import jax.numpy as jnp
+  import numpy as np
   from jax import lax
   from jax.sharding import PartitionSpec as P
 
-  from experiments import cupti
+  from experiments import cupti, device_clock
   from models.collectives import BACKENDS, fused_backend, workspace_capacity
   from models.sharding import make_mesh
   from pallas_kernels import all_reduce, common, lowering_checks, workspace
@@ -197,30 +201,50 @@ def run_child(flavour: str, out_path: str):
           return (y * (1.0 / n)).astype(y.dtype), ws
         carry = jax.random.normal(jax.random.key(nbytes), (n * tokens, hidden), jnp.bfloat16)
 
-      def chain(carry, ws):
+      def chain(carry, ws, stamped=True):
+        """The decode-shaped loop; stamped: device timestamps around it (device_clock)."""
         def body(_, c):
           for _ in range(CHAIN):
             c = op(*c)
           return c
-        return lax.fori_loop(0, _ITERS.value, body, (carry, ws))
+        if stamped:
+          carry, t0 = _stamp_first(carry)
+        carry, ws = lax.fori_loop(0, _ITERS.value, body, (carry, ws))
+        if not stamped:
+          return carry, ws
+        carry, t1 = _stamp_first(carry)
+        return carry, ws, jnp.stack([t0, t1])
 
-      def build(fn):
+      def build(fn, stamped=False):
         cspec = jax.tree.map(lambda _: P("tp"), carry)
-        mapped = jax.shard_map(fn, mesh=mesh, in_specs=(cspec, spec), out_specs=(cspec, spec),
+        mapped = jax.shard_map(fn, mesh=mesh, in_specs=(cspec, spec),
+                               out_specs=(cspec, spec, *([P("tp")] if stamped else [])),
                                check_vma=False)
         return jax.jit(mapped, donate_argnums=1)
 
-      loop, single = build(chain), build(op)
+      loop, single = build(chain, stamped=True), build(op)
       state = {"ws": fresh_ws()}
 
       def call(fn):
-        out, state["ws"] = fn(carry, state["ws"])
-        jax.block_until_ready(out)
+        out = fn(carry, state["ws"])
+        state["ws"] = out[1]
+        jax.block_until_ready(out[0])
+        return out
 
-      def measure(fn, runs):  # (median s, None) or (None, error): a failure costs one row
+      def measure(fn, runs, device=None):
+        """(median host s, None) or (None, error): a failure costs one row. `device`
+        collects the slowest GPU's stamped seconds per run."""
         try:
           call(fn)  # compile and warm up
-          return _median_s(lambda: call(fn), runs)[0], None
+          samples = []
+          for _ in range(runs):
+            t = time.perf_counter()
+            out = call(fn)
+            samples.append(time.perf_counter() - t)
+            if device is not None:
+              stamps = np.asarray(out[2]).reshape(n, 2, 2)  # rank, (start, end), words
+              device.append(float(device_clock.elapsed_s(stamps[:, 0], stamps[:, 1]).max()))
+          return float(np.median(samples)), None
         except jax.errors.JaxRuntimeError as e:
           state["ws"] = fresh_ws()  # the failed call may have consumed the donated one
           return None, str(e).splitlines()[0][:300]
@@ -230,11 +254,20 @@ def run_child(flavour: str, out_path: str):
         # Workspace copies break the peer-write protocol (lowering_checks.workspace_copies).
         hlo = loop.lower(carry, state["ws"]).compile().as_text()
         copies = len(lowering_checks.workspace_copies(hlo, state["ws"]))
-      loop_s, loop_err = measure(loop, _RUNS.value)
+      device = [] if jax.default_backend() == "gpu" else None
+      loop_s, loop_err = measure(loop, _RUNS.value, device)
+      clock_err = None
+      if loop_err:  # without the clock, in case the stamps are what failed
+        clock_err, device = loop_err, None
+        loop = build(lambda c, w: chain(c, w, stamped=False))
+        loop_s, loop_err = measure(loop, _RUNS.value)
       one_s, one_err = measure(single, _RUNS.value * 3)
       kernel_ms = (cupti.kernel_ms(lambda: call(loop)) if loop_s and _CUPTI.value
                    else None)  # summed over the GPUs and the loop's ops
-      log.add({**case, "loop_us": loop_s and loop_s / (_ITERS.value * CHAIN) * 1e6,
+      per_op = lambda seconds: seconds / (_ITERS.value * CHAIN) * 1e6
+      log.add({**case, "loop_us": loop_s and per_op(loop_s),
+               "loop_device_us": per_op(float(np.median(device))) if device else None,
+               "clock_error": clock_err,
                "single_us": one_s and one_s * 1e6, "error": loop_err or one_err,
                "workspace_copies": copies,
                **{name: (kernel_ms.get(k, 0.0) / n / (_ITERS.value * CHAIN) * 1e3

@@ -176,3 +176,29 @@ def test_thunk_evidence_reads_the_named_module(tmp_path):
   assert got["while_lines"] == ["006: kWhile [prev=000 (1) | next=000 (1)]"]
   assert len(got["around_first_while"]) == 4
   assert xla_env.thunk_evidence(str(tmp_path), "jit_chain")["file"] is None
+
+
+def test_device_clock_stamps_lower_for_cuda_and_are_zero_off_gpu():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, PartitionSpec as P
+  from experiments import device_clock
+  from pallas_kernels import lowering_checks
+  mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+
+  def f(x):
+    x, t0 = device_clock.stamp(x)
+    y, t1 = device_clock.stamp(jnp.sin(x))
+    return y, t0, t1
+
+  g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("tp"), out_specs=(P("tp"),) * 3,
+                            check_vma=False))
+  x = jnp.ones((4, 256), jnp.float32)
+  y, t0, t1 = g(x)
+  np.testing.assert_allclose(y, np.sin(1.0) * np.ones((4, 256)), rtol=1e-6)
+  assert not np.asarray(t0).any() and not np.asarray(t1).any()
+  text = lowering_checks.lower_for_cuda(g, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  assert len(lowering_checks.mosaic_calls(text)) == 2 and "globaltimer" in text
+  t = np.array([[[5, 1], [7, 1]]], np.int32)  # (low, high) words: 2^32 + 5 -> 2^32 + 7 ns
+  np.testing.assert_allclose(device_clock.elapsed_s(t[:, 0], t[:, 1]), [2e-9])
