@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from models.collectives import BACKENDS  # noqa: E402
+from models.collectives import BACKENDS, Comm  # noqa: E402
 from models.sharding import make_mesh  # noqa: E402
 from pallas_kernels import all_reduce, common, fused_add_norm, workspace  # noqa: E402
 
@@ -58,6 +58,16 @@ for protocol in fused_add_norm.PROTOCOLS:
     o = np.asarray(out).reshape(2, 2, 4096)
     assert np.array_equal(o[0], o[1]), f"fused {protocol} ranks differ"
   print(f"fused {protocol} correct", flush=True)
+for backend in ("one_shot", "fused_ll"):  # the decode step's exact argmax exchange
+  comm = Comm(backend)
+  state = BACKENDS[backend].init_state(mesh, "tp", jax.ShapeDtypeStruct((2, 1, 4096), dt))
+  f = sm(comm.gather_words, (P("tp"), spec), (P("tp"), spec), 1)
+  for i in range(4):
+    words = np.random.default_rng(i).integers(-2**31, 2**31, (4, 2)).astype(np.int32)
+    got, state = f(words, state)
+    want = np.broadcast_to(words.reshape(2, 2, 2).transpose(1, 0, 2), (2, 2, 2, 2))
+    assert np.array_equal(np.asarray(got).reshape(2, 2, 2, 2), want), f"gather {backend}"
+  print(f"gather_words {backend} correct", flush=True)
 if "--no-timing" in sys.argv:
   sys.exit(0)
 
