@@ -16,9 +16,9 @@ Measures, per implementation and bf16 message size (bytes per rank):
   (each result rescaled by 1/n so that values stay finite; the same for every
   implementation), compiled with `+WHILE` command buffers (whether XLA makes it one graph:
   docs/allreduce.md); host time of the whole executable / (iterations x 16), idle gaps
-  included. NCCL cannot run inside
-  a graph's WHILE node (instantiation fails, seen on 2xH200), so `psum_nccl` runs the same
-  loop with XLA's default command buffers: a host-driven loop, as NCCL runs in decode.
+  included. NCCL cannot run inside a graph's WHILE node (instantiation fails, seen on
+  2xH200), so `psum_nccl` runs the same loop with XLA's default command buffers: a
+  host-driven loop, as NCCL runs in decode.
 - `loop_device_us`: the same loop timed on the GPU: `%globaltimer` stamps in the data flow
   before the first op and after the last (experiments/device_clock.py), slowest GPU, median
   over the runs; no host launch or synchronization inside.
@@ -66,7 +66,8 @@ _CONFIGS = flags.DEFINE_list("configs", ["2:16"], "pallas flavour, all_reduce: k
                              " used by auto.")
 
 CHAIN = 16
-MEASURES = ("loop_us", "loop_device_us", "clock_error", "single_us", "error", "workspace_copies", "kernel_us", "other_kernel_us")
+MEASURES = ("loop_us", "loop_device_us", "clock_error", "single_us", "error",
+            "workspace_copies", "kernel_us", "other_kernel_us")
 FUSED = {"fused": "flags", "fused_ll": "ll"}  # add_norm impl -> fused_add_norm protocol
 KERNELS = ("one_shot", "one_shot_ll", "two_shot")  # the pallas methods that take a tiling
 FLAVOURS = {  # child -> (XLA collectives mode, command buffers, implementations per op)
@@ -103,9 +104,14 @@ def _range_json(method, config, largest):
           **({"vectors": config.vectors, "max_blocks": config.max_blocks} if config else {})}
 
 
-def _method_json(method, config) -> str:
+def _auto_label(method, config) -> str:
   """auto's choice as a row label: `one_shot[v8,b32]`, or `xla`."""
-  return method + (f"[v{config.vectors},b{config.max_blocks}]" if config else "")
+  return method + (_tiling(config) if config else "")
+
+
+def _tiling(config) -> str:
+  """A tiling as a row label suffix: `[v8,b32]` (thresholds.derive reads the name before it)."""
+  return f"[v{config.vectors},b{config.max_blocks}]"
 
 
 def _shape(nbytes: int) -> tuple[int, int]:
@@ -168,13 +174,13 @@ def run_child(flavour: str, out_path: str):
       if impl in KERNELS and not kernel_ok:
         continue
       tag = (("" if cfg == fused_configs[0] else f"[b{cfg.max_blocks}]") if impl in FUSED else
-             "" if cfg == configs[0] else f"[v{cfg.vectors},b{cfg.max_blocks}]")
+             "" if cfg == configs[0] else _tiling(cfg))
       case = {"op": _OP.value, "flavour": flavour,
               "impl": (impl if impl != "xla" else flavour) + tag, "tp": n, "bytes": nbytes,
               "vectors": cfg.vectors, "max_blocks": cfg.max_blocks,
               "tokens": tokens, "hidden": hidden,
               "method": (impl if impl != "auto" else
-                         _method_json(*all_reduce.select(nbytes, n)) if kernel_ok else "xla"),
+                         _auto_label(*all_reduce.select(nbytes, n)) if kernel_ok else "xla"),
               "command_buffers": command_buffers, "kernel_measure": "loop"}
       if log.done(case):
         continue
@@ -270,8 +276,7 @@ def run_child(flavour: str, out_path: str):
                "clock_error": clock_err,
                "single_us": one_s and one_s * 1e6, "error": loop_err or one_err,
                "workspace_copies": copies,
-               **{name: (kernel_ms.get(k, 0.0) / n / (_ITERS.value * CHAIN) * 1e3
-                         if kernel_ms else None)
+               **{name: (per_op(kernel_ms.get(k, 0.0) * 1e-3 / n) if kernel_ms else None)
                   for name, k in (("kernel_us", "all_reduce"), ("other_kernel_us", "other"))}})
       print(json.dumps(log.rows[-1]), flush=True)
 

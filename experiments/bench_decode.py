@@ -182,9 +182,7 @@ def _kernel_time(decoder, prompts, steps, tp):
   loop's HLO, by the JAX named scope they came from)."""
   import jax
 
-  from experiments import cupti
-
-  from experiments import profiling
+  from experiments import cupti, profiling
 
   cache, comm, first = _prefilled(decoder, prompts)
   fn = decoder.loop_fn(steps, False)  # compiled by the timing above

@@ -14,12 +14,13 @@ FALLBACK = "psum_default"  # what auto runs beyond its ranges: psum with XLA's d
 def derive(rows: list[dict], tp: int, keep_within: float = 0.05
            ) -> tuple[tuple[str, Config | None, int], ...]:
   """At every size where psum was tried and at least one kernel measured, the fastest
-  (method, tiling) that ran wins (a candidate measured more than once: its mean), except that where a kernel
-  wins, the previous size's winner stays if within `keep_within` of it (no range for noise);
-  consecutive sizes with one winner form a range ending at the largest of them, and ranges
-  after the last kernel win are dropped (psum is the fallback)."""
+  (method, tiling) that ran wins (a candidate measured more than once: its mean), except
+  that where a kernel wins, the previous size's winner stays if within `keep_within` of it
+  (no range for noise); consecutive sizes with one winner form a range ending at the
+  largest of them, and ranges after the last kernel win are dropped (psum is the
+  fallback)."""
   samples = collections.defaultdict(lambda: collections.defaultdict(list))
-  psum_tried = set()  # sizes where psum ran or failed (XLA cannot run it in a WHILE graph >= 8 MB)
+  psum_tried = set()  # sizes where psum ran or failed (no psum in a WHILE graph from 8 MB)
   for r in rows:
     method = r["impl"].split("[")[0]
     if r["op"] != "all_reduce" or r["tp"] != tp or method not in (*KERNELS, FALLBACK):

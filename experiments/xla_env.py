@@ -146,7 +146,7 @@ def run_children(module: str, names: list[str], restarts: int = 8) -> list[dict]
   for name in names:
     out = tempfile.mktemp(suffix=".json")
     cmd = [sys.executable, "-m", module, *sys.argv[1:], f"--child={name}", f"--child_out={out}"]
-    for attempt in range(restarts + 1):
+    for _ in range(restarts + 1):
       proc = subprocess.run(cmd, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
       if not proc.returncode or not os.path.exists(out + ".pending"):
         break  # finished, or died outside a case (no progress to resume from)

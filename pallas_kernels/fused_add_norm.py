@@ -13,10 +13,11 @@ add and norm kernels and the launches between them.
 
 Tiling: a row is split into tiles of VECTOR columns (one 16-byte vector per thread), and the
 grid is (row groups x column blocks), rows first, so that a single decode token still
-spreads its exchange over several blocks while more tokens read no row twice. A block pushes its tiles of its rows, waits for the flags of
-every block of its row group (between them they pushed whole rows), then computes each
-row's sum of squares over the full row (a redundant read of the row from its own memory,
-mostly from L2) and writes its own tiles of both outputs.
+spreads its exchange over several blocks while more tokens read no row twice. A block
+pushes its tiles of its rows, waits for the flags of every block of its row group (between
+them they pushed whole rows), then computes each row's sum of squares over the full row
+(a redundant read of the row from its own memory, mostly from L2) and writes its own tiles
+of both outputs.
 
 With `protocol="ll"` the exchange uses one_shot_ll's tagged lines instead of epoch flags:
 each block pushes its tiles as lines, then polls the whole rows of its group and writes
