@@ -64,7 +64,7 @@ def main(argv):
   log(f"copy bandwidth {copy_gbps:.0f} GB/s (device 0)")
   max_len = -(-(_PROMPT.value + _GEN.value) // 128) * 128
   steps = _GEN.value - 1
-  rows, extra, tokens = [], {"profiles": {}}, {}
+  rows, extra, tokens = [], {"profiles": {}, "command_buffers_in_dump": {}}, {}
   config_rec = {"model": _MODEL.value, "tp": _TPS.value, "batch": _BATCHES.value,
                 "prompt_len": _PROMPT.value, "gen_len": _GEN.value, "max_len": max_len,
                 "backends": _BACKENDS.value, "matmuls": _MATMULS.value,
@@ -137,16 +137,21 @@ def main(argv):
             row["trace_coverage_of_tpot"] = split.get("gpu_total_us", 0.0) / tpot_us
           extra["profiles"][f"tp{tp}_b{batch}_{backend}_{matmul}"] = seen
           log(f"profile per step (µs): { {k: round(v, 1) for k, v in split.items()} }")
+        if _DUMP.value and "jit" in _LOOPS.value:  # this configuration's loop module
+          seen = frozenset(e["file"] for e in extra["command_buffers_in_dump"].values())
+          evidence = xla_env.thunk_evidence(_DUMP.value, "jit__loop", skip=seen)
+          extra["command_buffers_in_dump"][f"tp{tp}_b{batch}_{backend}_{matmul}"] = evidence
+          log(f"loop in one graph: {evidence.get('loop_in_one_graph')}; host loop body"
+              f" outside graphs: {evidence.get('host_loop_body_outside_graphs')}")
         for row in rows:  # all-reduce share of the step: CUPTI (every kernel) over the trace
           if all(row[k] == v for k, v in key.items()) and row["loop"] == "jit":
+            if _DUMP.value:
+              row["loop_in_one_graph"] = evidence.get("loop_in_one_graph")
             us = row.get("cupti_all_reduce_us", row.get("gpu_all_reduce_us"))
             if us and tp > 1:
               row["all_reduce_share_of_tpot"] = us / (row["tpot_ms_median"] * 1e3)
         save()
     del state, graphdef
-  if _DUMP.value:
-    extra["command_buffers_in_dump"] = xla_env.thunk_evidence(_DUMP.value, "jit__loop")
-    log(f"thunk sequence evidence: {extra['command_buffers_in_dump']}")
   path = save()
   print(f"record: {path}")
 

@@ -25,7 +25,7 @@ COMMAND_BUFFERS = {
     # body converts (XLA's CommandBufferConversionPass), else it stays a host-side loop
     # around graph segments.
     "while_all": ["--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
-                  "COLLECTIVES,CONDITIONAL,WHILE,DYNAMIC_SLICE_FUSION,DYNAMIC_SLICE_COPY_FUSION",
+                  "COLLECTIVES,CONDITIONAL,WHILE,DYNAMIC_SLICE_FUSION",
                   "--xla_gpu_graph_min_graph_size=1"],
 }
 COLLECTIVES = {
@@ -83,13 +83,16 @@ def hbm_copy_gbps(gib: float = 2.0, calls: int = 20, runs: int = 5) -> float:
 _THUNK_KIND = re.compile(r"\bk[A-Z]\w+")
 
 
-def thunk_evidence(dump_dir: str, module: str) -> dict:
+def thunk_evidence(dump_dir: str, module: str, skip: frozenset[str] = frozenset()) -> dict:
   """Excerpts of a jitted function's thunk sequence in an XLA dump (`module`: its dump name,
   e.g. `jit__loop`): whether its loop became one graph with a device-side WHILE node (a
   while command inside a command buffer) or stayed a host-side kWhile thunk around
   command-buffer segments, and which thunk kinds keep work outside the graphs (XLA converts
-  a while loop only if every thunk of its body converts)."""
-  files = glob.glob(os.path.join(dump_dir, f"*{module}*thunk_sequence_after_thunk_passes.txt"))
+  a while loop only if every thunk of its body converts). Files named in `skip` (earlier
+  configurations' modules of one process) are passed over."""
+  files = [f for f in glob.glob(os.path.join(
+      dump_dir, f"*{module}*thunk_sequence_after_thunk_passes.txt"))
+           if os.path.basename(f) not in skip]
   if not files:
     return {"file": None, "candidates": sorted(os.path.basename(f) for f in glob.glob(
         os.path.join(dump_dir, "*thunk_sequence_after_thunk_passes.txt")))[:40]}
@@ -98,7 +101,19 @@ def thunk_evidence(dump_dir: str, module: str) -> dict:
   pick = lambda word: [l.strip()[:200] for l in lines if word in l.lower()][:12]
   kinds = collections.Counter(m.group(0) for l in lines for m in [_THUNK_KIND.search(l)] if m)
   at = next((i for i, l in enumerate(lines) if "while" in l.lower()), None)
+  # A top-level (unindented) kWhile is a host-side loop; nested in a kCommandBuffer it is
+  # the graph's WHILE node. Beside a host-side loop: the body's thunks left outside graphs,
+  # and loop-dependent dynamic slice fusions (XLA keeps such a loop on the host).
+  host_while = any(re.match(r"\d+: kWhile", l) for l in lines)
+  outside, in_body = collections.Counter(), False
+  for l in lines:
+    in_body = (in_body or l.strip() == "body:") and not re.match(r"\d+: ", l)
+    m = _THUNK_KIND.search(l) if in_body and re.match(r" {4}\d+: ", l) else None
+    if m and m.group(0) != "kCommandBuffer":
+      outside[m.group(0)] += 1
   return {"file": os.path.basename(path), "lines": len(lines),
+          "loop_in_one_graph": bool(kinds["kWhile"]) and not host_while,
+          "host_loop_body_outside_graphs": dict(outside) if host_while else {},
           "command_buffer_lines": pick("command"), "while_lines": pick("while"),
           "thunk_kinds": dict(kinds.most_common()),
           "around_first_while": [] if at is None else

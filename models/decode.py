@@ -172,7 +172,9 @@ class Decoder:
       i, out, tok, done, cache, comm_state = carry
       nxt, _, cache, comm_state = self._step(state, cache, comm_state, tok)
       nxt = jnp.where(done, eos, nxt)
-      out = lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+      # A select, not dynamic_update_slice: XLA turns that into a loop-dependent dynamic
+      # slice fusion, which keeps the while loop out of the command buffer (one graph).
+      out = jnp.where(lax.broadcasted_iota(jnp.int32, out.shape, 1) == i, nxt[:, None], out)
       return i + 1, out, nxt, done | (nxt == eos), cache, comm_state
 
     out = jnp.full((b, steps), eos, jnp.int32)

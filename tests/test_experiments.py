@@ -166,16 +166,24 @@ def test_thunk_evidence_reads_the_named_module(tmp_path):
   """xla_env.thunk_evidence: the loop's own thunk sequence, its kinds and the while context."""
   from experiments import xla_env
   (tmp_path / "module_0001.jit__loop.thunk_sequence_after_thunk_passes.txt").write_text(
-      "000: kCommandBuffer [source | next=006 (1)]\n006: kWhile [prev=000 (1) | next=000 (1)]\n"
-      "  000: kCommandBuffer [source | next=010 (1)]\n  010: kCollectiveKernel [prev=000 (1)]\n")
+      "000: kCommandBuffer [source | next=006 (1)]\n    001: kCopy [source | sink]\n"
+      "006: kWhile [prev=000 (1) | next=000 (1)]\ncondition:\n    007: kCustomKernel\n  body:\n"
+      "    000: kCommandBuffer [source | next=010 (1)]\n    010: kCollectiveKernel [prev=000 (1)]\n")
+  (tmp_path / "module_0003.jit_chain.thunk_sequence_after_thunk_passes.txt").write_text(
+      "000: kCommandBuffer [source | sink]\n    004: kWhile [prev=003 (1) | next=039 (1)]\n")
   (tmp_path / "module_0002.jit__prefill.thunk_sequence_after_thunk_passes.txt").write_text(
       "000: kKernel\n" * 50)
   got = xla_env.thunk_evidence(str(tmp_path), "jit__loop")
   assert got["file"].startswith("module_0001.jit__loop")
-  assert got["thunk_kinds"] == {"kCommandBuffer": 2, "kWhile": 1, "kCollectiveKernel": 1}
+  assert got["thunk_kinds"] == {"kCommandBuffer": 2, "kCopy": 1, "kWhile": 1,
+                                "kCustomKernel": 1, "kCollectiveKernel": 1}
   assert got["while_lines"] == ["006: kWhile [prev=000 (1) | next=000 (1)]"]
-  assert len(got["around_first_while"]) == 4
-  assert xla_env.thunk_evidence(str(tmp_path), "jit_chain")["file"] is None
+  assert len(got["around_first_while"]) == 8
+  assert not got["loop_in_one_graph"]
+  assert got["host_loop_body_outside_graphs"] == {"kCollectiveKernel": 1}
+  chain = xla_env.thunk_evidence(str(tmp_path), "jit_chain")
+  assert chain["loop_in_one_graph"] and chain["host_loop_body_outside_graphs"] == {}
+  assert xla_env.thunk_evidence(str(tmp_path), "jit_step")["file"] is None
 
 
 def test_device_clock_stamps_lower_for_cuda_and_are_zero_off_gpu():

@@ -1,7 +1,8 @@
-"""A small all-reduce run on 2 GPUs: each kernel checked against its reference, then a quick
-decode-shaped timing (fori_loop of 16 chained ops, whole loop as one graph). Also the
-program compute-sanitizer runs (--no-timing)."""
+"""A small all-reduce run on SMOKE_TP GPUs (default 2): each kernel checked against its
+reference, then a quick decode-shaped timing (fori_loop of 16 chained ops, whole loop as one
+graph). Also the program compute-sanitizer runs (--no-timing)."""
 
+import os
 import sys
 import time
 
@@ -19,11 +20,12 @@ from models.collectives import BACKENDS, Comm  # noqa: E402
 from models.sharding import make_mesh  # noqa: E402
 from pallas_kernels import all_reduce, common, fused_add_norm, workspace  # noqa: E402
 
-mesh = make_mesh(2)
+n = int(os.environ.get("SMOKE_TP", "2"))
+mesh = make_mesh(n)
 spec = workspace.spec("tp")
 shape = (2, 4096)
 dt = jnp.bfloat16
-cap = max(all_reduce.workspace_capacity(*shape, dt, 2), shape[0] * shape[1])
+cap = max(all_reduce.workspace_capacity(*shape, dt, n), shape[0] * shape[1])
 
 
 def sm(f, ins, outs, donate):
@@ -36,7 +38,7 @@ for method in ("one_shot", "one_shot_ll", "two_shot"):
   f = sm(lambda x, ws: (*all_reduce.all_reduce(x, ws, "tp", method), common.reference(x, "tp")),
          (P("tp"), spec), (P("tp"), spec, P("tp")), 1)
   for i in range(4):
-    x = jax.random.normal(jax.random.key(i), (4, 4096), dt)
+    x = jax.random.normal(jax.random.key(i), (2 * n, 4096), dt)
     y, ws, ref = f(x, ws)
     assert np.array_equal(np.asarray(y), np.asarray(ref)), method
   print(method, "correct", flush=True)
@@ -49,24 +51,24 @@ for protocol in fused_add_norm.PROTOCOLS:
                               *fused_add_norm.reference(p, r, w, "tp", 1e-5)),
          (P("tp"), P(), P(), spec), (P("tp"), P("tp"), spec, P("tp"), P("tp")), 3)
   for i in range(4):
-    p = jax.random.normal(jax.random.key(10 + i), (4, 4096), dt)  # per-rank partials
+    p = jax.random.normal(jax.random.key(10 + i), (2 * n, 4096), dt)  # per-rank partials
     r = jax.random.normal(jax.random.key(20 + i), (2, 4096), dt)  # replicated residual
     out, res, ws, out_ref, res_ref = f(p, r, w, ws)
     assert np.array_equal(np.asarray(res), np.asarray(res_ref)), f"fused {protocol} residual"
     err = np.abs(np.asarray(out, np.float32) - np.asarray(out_ref, np.float32)).max()
     assert err <= 0.0625, f"fused {protocol} normed max err {err}"
-    o = np.asarray(out).reshape(2, 2, 4096)
-    assert np.array_equal(o[0], o[1]), f"fused {protocol} ranks differ"
+    o = np.asarray(out).reshape(n, 2, 4096)
+    assert all(np.array_equal(o[0], ok) for ok in o), f"fused {protocol} ranks differ"
   print(f"fused {protocol} correct", flush=True)
 for backend in ("one_shot", "fused_ll"):  # the decode step's exact argmax exchange
   comm = Comm(backend)
   state = BACKENDS[backend].init_state(mesh, "tp", jax.ShapeDtypeStruct((2, 1, 4096), dt))
   f = sm(comm.gather_words, (P("tp"), spec), (P("tp"), spec), 1)
   for i in range(4):
-    words = np.random.default_rng(i).integers(-2**31, 2**31, (4, 2)).astype(np.int32)
+    words = np.random.default_rng(i).integers(-2**31, 2**31, (2 * n, 2)).astype(np.int32)
     got, state = f(words, state)
-    want = np.broadcast_to(words.reshape(2, 2, 2).transpose(1, 0, 2), (2, 2, 2, 2))
-    assert np.array_equal(np.asarray(got).reshape(2, 2, 2, 2), want), f"gather {backend}"
+    want = np.broadcast_to(words.reshape(n, 2, 2).transpose(1, 0, 2), (n, 2, n, 2))
+    assert np.array_equal(np.asarray(got).reshape(n, 2, n, 2), want), f"gather {backend}"
   print(f"gather_words {backend} correct", flush=True)
 if "--no-timing" in sys.argv:
   sys.exit(0)
@@ -87,7 +89,7 @@ for backend in ("xla", "one_shot", "one_shot_ll", "fused", "fused_ll"):
 
   sp = spec if state is not None else None
   g = sm(loop, (P("tp"), P(), sp), (P("tp"), P(), sp), 2)
-  x = jax.random.normal(jax.random.key(1), (2, 1, 4096), dt)
+  x = jax.random.normal(jax.random.key(1), (n, 1, 4096), dt)
   r = jax.random.normal(jax.random.key(2), (1, 1, 4096), dt)
   box = {"ws": state}
 
@@ -100,4 +102,4 @@ for backend in ("xla", "one_shot", "one_shot_ll", "fused", "fused_ll"):
   for _ in range(5):
     t0 = time.perf_counter(); run(); ts.append(time.perf_counter() - t0)
   print(f"{backend:9s} {np.median(ts) / (iters * chain) * 1e6:7.2f} us per reduce+add+norm "
-        f"(8 KB, TP=2, fori_loop, +WHILE)", flush=True)
+        f"(8 KB, TP={n}, fori_loop, +WHILE)", flush=True)

@@ -10,7 +10,7 @@ export TPDECODE_GIT_SHA=${TPDECODE_GIT_SHA:-unknown}
 # bench_ttft, whose cold starts must autotune like any first start.
 TUNED="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune"
 bench() { timeout "$1" python3 -m "experiments.$2" "${@:3}" 2>&1 | grep -v "^I1\|^W1" | tee -a $OUT/full.log | tail -40; }
-decode() { XLA_FLAGS="$TUNED" bench 280 bench_decode --model "${MODEL:-llama2-7b}" --tp "${TPS:-1,2}" \
+decode() { XLA_FLAGS="$TUNED" bench "${DECODE_TIMEOUT:-280}" bench_decode --model "${MODEL:-llama2-7b}" --tp "${TPS:-1,2}" \
              --batch "${BATCH:-1}" "$@"; }
 # Records so far, every 20 s as well: a call cut short by its limit still returns them.
 ( while sleep 20; do tar czf $OUT/partial.tgz experiments/results && mv $OUT/partial.tgz $OUT/results.tgz; done ) &
@@ -32,6 +32,12 @@ for step in "$@"; do
                     rec=$(sed -n 's/^record: //p' /tmp/sweep.log)  # auto, with thresholds from it
                     [ -n "$rec" ] && bench 200 bench_allreduce --tp "${TP:-2}" --impls auto \
                       --flavours psum_default,psum_nccl,pallas --thresholds_from "$rec" ;;
+    allreduce4)     bench 300 bench_allreduce --tp 4 --max_bytes 8388608 --nocupti --runs 5 \
+                      --configs 2:16,8:32 | tee /tmp/sweep4.log  # the kernels' range, 2 tilings
+                    rec=$(sed -n 's/^record: //p' /tmp/sweep4.log)
+                    [ -n "$rec" ] && bench 150 bench_allreduce --tp 4 --impls auto --nocupti \
+                      --max_bytes 8388608 --flavours psum_default,psum_nccl,pallas \
+                      --thresholds_from "$rec" ;;
     auto)           bench 200 bench_allreduce --tp "${TP:-2}" --impls auto --nocupti \
                       --flavours psum_default,psum_nccl,pallas ;;  # THRESHOLDS as committed
     allreduce_dump) bench 150 bench_allreduce --tp 2 --min_bytes 8192 --max_bytes 8192 --nocupti \
@@ -58,6 +64,8 @@ for step in "$@"; do
                     for f in /tmp/$d/*jit__loop*thunk_sequence*.txt \
                              /tmp/$d/*jit__loop*gpu_after_optimizations.txt; do
                       gzip -c "$f" > $OUT/$d/$(basename "$f").gz; done ;;
+    graph)          DECODE_TIMEOUT=340 TPS=${TPS:-1,2,4} decode --backend xla,one_shot_ll,fused \
+                      --command_buffers while --dump_dir /tmp/dump_graph --runs 4 --loops jit ;;
     decode_busy)    decode --backend xla,fused --matmul xla,pallas --command_buffers while --runs 2 \
                       --loops jit --cupti ;;  # kernel time vs TPOT: the idle gaps (after diag)
     decode_while)   decode --backend xla,one_shot,fused --command_buffers while --runs 4 ;;
@@ -68,6 +76,8 @@ for step in "$@"; do
     decode_b8)      BATCH=8 TPS=2 decode --backend xla,fused,fused_ll --command_buffers while \
                       --runs 4 --loops jit ;;
     decode_default) decode --backend xla,fused --command_buffers default --runs 4 ;;
+    graph_default)  TPS=${TPS:-2,4} decode --backend xla,one_shot_ll,fused --command_buffers default \
+                      --runs 4 --loops jit ;;  # the same configurations as `graph`, default graphs
     decode_nccl)    TPS=2 decode --backend xla --xla_collectives nccl --runs 4 ;;  # NCCL: no WHILE graph
     decode_off)     decode --backend xla,fused --command_buffers off --profile --cupti --runs 4 ;;
     ttft)           bench 560 bench_ttft --model llama2-7b --tp "${TP:-1}" \
