@@ -45,7 +45,13 @@ def _run(n, method, shape, dtype, calls=1, seed=0):
 def test_matches_reference_and_psum_on_every_rank(method, dtype, shape):
   for n in gpu_ranks():
     y, ref, psum = _run(n, method, shape, dtype, calls=3, seed=hash(shape) % 1000)
-    np.testing.assert_array_equal(y, ref)  # the kernels' exact numerics
+    nbytes = shape[0] * shape[1] * jnp.dtype(dtype).itemsize
+    if method == "auto" and all_reduce.select(nbytes, n)[0] == "xla":
+      # auto handed the message to lax.psum: XLA's summation order, not the kernels' rank
+      # order (the same sum at n=2; at n>2 the f32 rounding differs).
+      np.testing.assert_array_equal(y, psum)
+    else:
+      np.testing.assert_array_equal(y, ref)  # the kernels' exact numerics
     for r in range(1, n):  # bitwise the same on every rank
       np.testing.assert_array_equal(y[r], y[0])
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
