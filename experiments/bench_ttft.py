@@ -16,7 +16,10 @@ that starts serving as soon as the weights are loaded:
   without tracing, lowering or compiling).
 
 TTFT is prompt in -> first token on the host. Each request prefills the cache the previous
-one returned (a server takes it from a pool), so cache allocation is not counted. A first
+one returned (a server takes it from a pool), so cache allocation is not counted. After the
+workload (and, for hybrid, the rest of the background compilation) every policy serves the
+same requests again: the steady state. naive's steady pass is exact-length prefill, served
+the same way, against which the bins compare the others. A first
 phase compiles and times every candidate bucket (powers of two from 16, then multiples of
 --profile_step) and scores bucket sets on the workload; this is how
 models/prefill_runtime.default_buckets was chosen.
@@ -106,18 +109,24 @@ def _serve(job: dict) -> dict:
   store = ExecutableStore(pathlib.Path(job["cache_dir"]) / "executables") if hybrid else None
   runtime = prefill_runtime.PrefillRuntime(decoder, buckets, background=hybrid, store=store)
   requests = []
-  for prompt in prompts:
-    start = time.perf_counter()
-    out = runtime.prefill(prompt, cache=cache, comm_state=comm)
-    int(out.next_b[0])
-    ttft = time.perf_counter() - start
-    cache, comm = out.cache, out.comm_state
-    requests.append({"t_s": start - t0, "length": len(prompt), "bucket": out.bucket,
-                     "exact_bucket": runtime.bucket_for(len(prompt)), "ttft_ms": ttft * 1e3,
-                     "compile_wait_ms": out.compile_wait_s * 1e3})
+
+  def serve(phase):
+    nonlocal cache, comm
+    for prompt in prompts:
+      start = time.perf_counter()
+      out = runtime.prefill(prompt, cache=cache, comm_state=comm)
+      int(out.next_b[0])
+      ttft = time.perf_counter() - start
+      cache, comm = out.cache, out.comm_state
+      requests.append({"phase": phase, "t_s": start - t0, "length": len(prompt),
+                       "bucket": out.bucket, "exact_bucket": runtime.bucket_for(len(prompt)),
+                       "ttft_ms": ttft * 1e3, "compile_wait_ms": out.compile_wait_s * 1e3})
+
+  serve("arrival")
   serve_s = time.perf_counter() - t0
-  if job["policy"] == "hybrid":
+  if hybrid:
     runtime.wait()  # the rest of the background compilation, for its cold/warm start time
+  serve("steady")  # the same requests again: every executable they need is ready
   runtime.close()
   return {"requests": requests, "executables": runtime.stats(), "serve_s": serve_s}
 
@@ -128,23 +137,30 @@ def _profile(job: dict) -> list[dict]:
   runtime = prefill_runtime.PrefillRuntime(decoder, job["candidates"], background=False)
   cache, comm = decoder.new_cache(1), decoder.new_comm_state(1)
   rows = []
-  for bucket in runtime.buckets:
-    prompt = list(range(3, 3 + bucket - 1))  # one short of the bucket: room for the next token
-    times = []
-    for _ in range(4):
-      start = time.perf_counter()
-      out = runtime.prefill(prompt, cache=cache, comm_state=comm)
-      int(out.next_b[0])
-      times.append(time.perf_counter() - start)
-      cache, comm = out.cache, out.comm_state
+
+  def timed(bucket):
+    nonlocal cache, comm
+    start = time.perf_counter()
+    out = runtime.prefill(list(range(3, 2 + bucket)), cache=cache, comm_state=comm)
+    int(out.next_b[0])  # one token short of the bucket: room for the next one
+    cache, comm = out.cache, out.comm_state
+    return time.perf_counter() - start
+
+  for i, bucket in enumerate(runtime.buckets):
+    times = [timed(bucket) for _ in range(4)]
+    # The same bucket right after another one (a server's usual order): what switching
+    # executables adds (docs/prefill.md).
+    switched = [(timed(runtime.buckets[i - 1]), timed(bucket))[1] for _ in range(3)] if i else []
     stats = next(s for s in runtime.stats() if s["bucket"] == bucket)
     row = {"length": bucket, "lower_s": stats["lower_s"], "compile_s": stats["compile_s"],
            "first_run_s": times[0] - stats["lower_s"] - stats["compile_s"],
            "run_ms": float(np.median(times[1:])) * 1e3,
+           "after_switch_ms": float(np.median(switched)) * 1e3 if switched else None,
            "code_bytes": stats["code_bytes"], "temp_bytes": stats["temp_bytes"]}
     rows.append(row)
     print(f"  bucket {bucket:4d}: lower {row['lower_s']:.2f} s  compile {row['compile_s']:.2f} s"
-          f"  first run {row['first_run_s']:.2f} s  run {row['run_ms']:.1f} ms", flush=True)
+          f"  first run {row['first_run_s']:.2f} s  run {row['run_ms']:.1f} ms"
+          f"  after a switch {row['after_switch_ms'] or 0:.1f} ms", flush=True)
   return rows
 
 
@@ -191,54 +207,59 @@ def _score_sets(profile: list[dict], lengths: list[int], max_len: int, default: 
   return rows
 
 
-def _steady_after(reqs: list[dict], execs: list[dict], policy: str) -> float:
-  """Seconds after which every executable was ready (hybrid: all buckets compiled; the
-  others: the last request that compiled): later requests are the steady state."""
-  if policy == "hybrid":
-    return max(e["ready_s"] for e in execs)
-  return max((r["t_s"] for r in reqs if r["compile_wait_ms"] > 1.0), default=0.0)
+def _naive_exact_ms(requests: list[dict]):
+  """Exact-length prefill TTFT by length: naive's steady pass (each prompt in its own
+  executable, already compiled), median per length, interpolated between lengths."""
+  by_len = {}
+  for r in requests:
+    if r["phase"] == "steady":
+      by_len.setdefault(r["length"], []).append(r["ttft_ms"])
+  xs = sorted(by_len)
+  ys = [float(np.median(by_len[x])) for x in xs]
+  return lambda n: float(np.interp(n, xs, ys))
 
 
-def _steady(reqs: list[dict], execs: list[dict], policy: str) -> dict:
-  """TTFT statistics of the steady-state requests."""
-  ready = _steady_after(reqs, execs, policy)
-  steady = [r["ttft_ms"] for r in reqs if r["t_s"] > ready]
-  stats = records.summarize(steady, "steady_ttft_ms_") if steady else {}
-  return {"steady_after_s": ready, "steady_requests": len(steady), **stats,
-          "steady_p99_over_p50": (stats["steady_ttft_ms_p99"] / stats["steady_ttft_ms_median"]
-                                  if steady else None)}
-
-
-def _policy_rows(name: str, start: str, result: dict, job: dict, exact_ms=None) -> list[dict]:
+def _policy_rows(name: str, start: str, result: dict, job: dict, exact=None) -> list[dict]:
   """Summary, per-length-bin, per-executable and per-request rows of one policy's run.
-  `exact_ms(length)`, from the bucket profile of the same run, is exact-length prefill time:
-  bins compare their steady-state median TTFT with it."""
+
+  TTFT statistics are of the arrival pass (compilation included); `steady_*` of the second
+  pass over the same requests, every executable they need ready. `exact = (source,
+  exact_ms(length))` is exact-length prefill time: bins compare their steady median with it."""
   reqs, execs = result["requests"], result["executables"]
-  ttft = [r["ttft_ms"] for r in reqs]
+  arrival = [r for r in reqs if r["phase"] == "arrival"]
+  ttft = [r["ttft_ms"] for r in arrival]
   tag = {"policy": name, "start": start, "model": job["model"], "tp": job["tp"]}
-  summary = {"row": "policy", **tag, "requests": len(reqs), **records.summarize(ttft, "ttft_ms_"),
-             "first_ttft_ms": ttft[0], "executables": len(execs),
+
+  def steady_stats(mine):
+    times = [r["ttft_ms"] for r in mine if r["phase"] == "steady"]
+    stats = records.summarize(times, "steady_ttft_ms_")
+    return {"steady_requests": len(times), **stats,
+            "steady_p99_over_p50": stats["steady_ttft_ms_p99"] / stats["steady_ttft_ms_median"]}
+
+  summary = {"row": "policy", **tag, "requests": len(arrival),
+             **records.summarize(ttft, "ttft_ms_"), "first_ttft_ms": ttft[0],
+             "executables": len(execs),
              "exec_code_bytes": sum(e["code_bytes"] or 0 for e in execs),
              "exec_temp_bytes": sum(e["temp_bytes"] or 0 for e in execs),
              "compile_s_total": sum(e["lower_s"] + e["compile_s"] for e in execs),
              "ready_all_s": max(e["ready_s"] for e in execs) if name == "hybrid" else None,
-             "fallbacks": sum(r["bucket"] != r["exact_bucket"] for r in reqs),
-             "blocked_on_compile": sum(r["compile_wait_ms"] > 1.0 for r in reqs),
-             "padding_frac": float(np.mean([r["bucket"] / r["length"] - 1 for r in reqs])),
-             "serve_s": result["serve_s"], **_steady(reqs, execs, name)}
-  ready = _steady_after(reqs, execs, name)
+             "fallbacks": sum(r["bucket"] != r["exact_bucket"] for r in arrival),
+             "blocked_on_compile": sum(r["compile_wait_ms"] > 1.0 for r in arrival),
+             "padding_frac": float(np.mean([r["bucket"] / r["length"] - 1 for r in arrival])),
+             "serve_s": result["serve_s"], **steady_stats(reqs)}
   bins = {}
   for r in reqs:
     bins.setdefault(_bin(r["length"]), []).append(r)
   rows = [summary]
   for (lo, hi), mine in sorted(bins.items()):
-    steady = [r for r in mine if r["t_s"] > ready]
     row = {"row": "bin", **tag, "bin": f"{lo}-{hi}", "len_lo": lo, "len_hi": hi,
-           **records.summarize([r["ttft_ms"] for r in mine], "ttft_ms_"),
-           "steady_requests": len(steady)}
-    if steady and exact_ms is not None:
-      row["steady_ttft_ms_median"] = float(np.median([r["ttft_ms"] for r in steady]))
-      row["exact_ms_median"] = float(np.median([exact_ms(r["length"]) for r in steady]))
+           **records.summarize([r["ttft_ms"] for r in mine if r["phase"] == "arrival"],
+                               "ttft_ms_"), **steady_stats(mine)}
+    if exact is not None:
+      source, exact_ms = exact
+      row["exact_source"] = source
+      row["exact_ms_median"] = float(np.median([exact_ms(r["length"]) for r in mine
+                                                if r["phase"] == "steady"]))
       row["steady_vs_exact"] = row["steady_ttft_ms_median"] / row["exact_ms_median"]
     rows.append(row)
   rows += [{"row": "executable", **tag, **e} for e in execs]
@@ -272,14 +293,14 @@ def main(argv):
         flush=True)
 
   rows, t_start, load_start = [], time.perf_counter(), os.getloadavg()
-  exact_ms = None
+  exact = None
   if _PROFILE.value:
     print("profiling candidate buckets", flush=True)
     candidates = prefill_runtime.default_buckets(max_len, step=_PROFILE_STEP.value)
     profile = _in_fresh_process(_profile, {**job, "candidates": candidates})
     rows += [{"row": "bucket_profile", **p} for p in profile]
     xs, ys = [p["length"] for p in profile], [p["run_ms"] for p in profile]
-    exact_ms = lambda n: float(np.interp(n, xs, ys))  # exact-length prefill, this run
+    exact = ("bucket profile", lambda n: float(np.interp(n, xs, ys)))
     sets = _score_sets(profile, lengths, max_len, prefill_runtime.default_buckets(max_len))
     rows += [{"row": "bucket_set", **s} for s in sets]
     for s in sets:
@@ -293,12 +314,14 @@ def main(argv):
             "grid": ",".join(map(str, GRID)), "dtype": "bfloat16", "batch": 1,
             "profile_step": _PROFILE_STEP.value,
             "command_buffers": _CB.value, "xla_flags_set": xla_flags, "cpu_count": os.cpu_count()}
-  path = None
+  path, results = None, []
   for done, (policy, start) in enumerate(runs, 1):
-    result = _in_fresh_process(_serve, {**job, "policy": policy})
-    policy_rows = _policy_rows(policy, start, result, job, exact_ms)
-    rows += policy_rows
-    s = policy_rows[0]
+    results.append((policy, start, _in_fresh_process(_serve, {**job, "policy": policy})))
+    if policy == "naive":  # exact-length executables, served like the others: the comparator
+      exact = ("naive steady", _naive_exact_ms(results[-1][2]["requests"]))
+    # Every run's rows again: all bins against the newest comparator.
+    by_run = [_policy_rows(p, st, res, job, exact) for p, st, res in results]
+    policy_rows, s = [row for run_rows in by_run for row in run_rows], by_run[-1][0]
     ready = "" if s["ready_all_s"] is None else f"  all buckets ready at {s['ready_all_s']:.1f} s"
     print(f"{policy:8s} {start}: TTFT P50 {s['ttft_ms_median']:7.1f} ms"
           f"  P90 {s['ttft_ms_p90']:7.1f}  P99 {s['ttft_ms_p99']:7.1f}"
@@ -311,7 +334,7 @@ def main(argv):
                                              if f.is_file()),
                "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                "runs_done": f"{done} of {len(runs)}"}
-      path = records.write("ttft", config, rows, extra=extra, path=path)
+      path = records.write("ttft", config, rows + policy_rows, extra=extra, path=path)
   if path is not None:
     print(f"record: {path}")
 

@@ -287,20 +287,11 @@ def _ttft_section(rows):
            " `blocked_on_compile` requests that waited for (or did) a compilation;"
            " `padding_frac` the mean padding per request, relative to its prompt length;"
            " `exec_temp_mib` XLA's temp memory summed over executables (their code size reads 0"
-           " on XLA:CPU); `steady_*` the requests that arrived after every executable was ready"
-           " (hybrid: all buckets built; others: after the last request that compiled).")
+           " on XLA:CPU); `steady_*` a second pass over the same requests once every executable"
+           " they need is ready (records before 2026-11-22T09:00: the requests that arrived"
+           " after every executable was ready).")
   paths = sorted({r["path"] for r in rows})
   return "\n\n".join([intro] + [_ttft_record([r for r in rows if r["path"] == p]) for p in paths])
-
-
-def _steady_tail(requests, policies, b, run) -> float | None:
-  """P99 / P50 of one bin's steady-state TTFTs (requests after every executable was ready)."""
-  import numpy as np
-
-  summary = next(p for p in policies if run(p) == run(b))
-  ttft = [r["ttft_ms"] for r in requests if run(r) == run(b) and "t_s" in r
-          and r["t_s"] > summary["steady_after_s"] and b["len_lo"] <= r["length"] <= b["len_hi"]]
-  return float(np.percentile(ttft, 99) / np.median(ttft)) if ttft else None
 
 
 def _ttft_record(rows: list[dict[str, Any]]) -> str:
@@ -340,14 +331,11 @@ def _ttft_record(rows: list[dict[str, Any]]) -> str:
   for b in of("bin"):
     row = bins.setdefault(b["len_hi"], {"prompt tokens": b["bin"]})
     row[run(b)] = f"{b['ttft_ms_median']:.0f} / {b['ttft_ms_p99']:.0f}"
-    if b.get("steady_vs_exact") is not None and b["policy"] == "hybrid":
-      col = f"{run(b)} steady / exact"
-      row[col] = b["steady_vs_exact"]
-      ratio_cols += [col] if col not in ratio_cols else []
-      tail = _steady_tail(of("request"), of("policy"), b, run)
-      if tail is not None:
-        col = f"{run(b)} steady P99 / P50"
-        row[col] = tail
+    for field, label in (("steady_vs_exact", "steady / exact"),
+                         ("steady_p99_over_p50", "steady P99 / P50")):
+      if b["policy"] == "hybrid" and b.get(field) is not None:
+        col = f"{run(b)} {label}"
+        row[col] = b[field]
         ratio_cols += [col] if col not in ratio_cols else []
   execs = []
   for name in runs:
@@ -361,13 +349,13 @@ def _ttft_record(rows: list[dict[str, Any]]) -> str:
          + table(policies, ["run", "requests", "ttft_ms_median", "ttft_ms_p90", "ttft_ms_p99",
                             "first_ttft_ms", "ready_all_s", "executables", "exec_temp_mib",
                             "compile_s_total", "fallbacks", "blocked_on_compile",
-                            "padding_frac", "serve_s", "steady_after_s", "steady_requests",
+                            "padding_frac", "serve_s", "steady_requests",
                             "steady_ttft_ms_median", "steady_ttft_ms_p99",
                             "steady_p99_over_p50"])
-         + "\n\nTTFT median / P99 (ms) per prompt-length bin; `steady / exact`: hybrid's"
-           " median TTFT once every bucket was ready over exact-length prefill time at the same"
-           " lengths (the bucket profile of this run, interpolated); `steady P99 / P50`: its"
-           " tail within the bin:\n\n"
+         + "\n\nTTFT median / P99 (ms) per prompt-length bin (arrival pass); `steady / exact`:"
+           " hybrid's steady median TTFT over exact-length prefill at the same lengths (naive's"
+           " steady pass, interpolated; without naive, the bucket profile); `steady P99 / P50`:"
+           " its tail within the bin:\n\n"
          + table([bins[k] for k in sorted(bins)], ["prompt tokens"] + runs + ratio_cols)
          + "\n\n"
          + _plot(f"ttft_{stem}_length", scatter) + "\n\n" + _plot(f"ttft_{stem}_cdf", cdf)
@@ -378,12 +366,13 @@ def _ttft_record(rows: list[dict[str, Any]]) -> str:
                          "first_run_s"]))
   if of("bucket_profile"):
     out += ("\n\nBucket choice: every candidate length compiled and timed alone (`run_ms`: median"
-            " of three runs after the first), then bucket sets scored on this workload as if all"
+            " of three runs after the first; `after_switch_ms`: the same right after a run of"
+            " the next smaller bucket), then bucket sets scored on this workload as if all"
             " their buckets were compiled (`vs_exact`: expected prefill time over exact-length"
             " prefill; `_short`: prompts of at most 100 tokens; `build_s_total`: lowering,"
             " compilation and first run of all its buckets).\n\n"
             + table(of("bucket_profile"), ["length", "lower_s", "compile_s", "first_run_s",
-                                            "run_ms", "temp_bytes"]) + "\n\n"
+                                            "run_ms", "after_switch_ms", "temp_bytes"]) + "\n\n"
             + table(of("bucket_set"), ["set", "count", "expected_prefill_ms", "vs_exact",
                                         "expected_prefill_ms_short", "vs_exact_short",
                                         "build_s_total", "buckets"]))

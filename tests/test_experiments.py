@@ -85,6 +85,13 @@ def test_bench_ttft(tmp_path):
   sources = {(r["start"], r["source"]) for r in rows
              if r["row"] == "executable" and r["policy"] == "hybrid"}
   assert sources == {("cold", "compiled"), ("warm", "store")}  # the warm start loads them all
+  # A steady pass over the same requests; bins against naive's steady exact-length prefill.
+  phases = [r["phase"] for r in rows if r["row"] == "request" and r["policy"] == "pad_max"]
+  assert phases == ["arrival"] * 200 + ["steady"] * 200
+  assert all(p["steady_requests"] == p["requests"] for p in policies.values())
+  bins = [r for r in rows if r["row"] == "bin" and r["policy"] == "hybrid"]
+  assert bins and all(b["exact_source"] == "naive steady" and b["steady_vs_exact"] > 0
+                      for b in bins)
 
 
 def test_gemv_tilings_swept_are_the_ones_a_shape_takes():
