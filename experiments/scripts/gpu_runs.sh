@@ -23,7 +23,8 @@ for step in "$@"; do
                       tests/test_gpu_all_reduce.py tests/test_gpu_fused.py ;;
     tests_model)    TEST_LOG=model TEST_TIMEOUT=500 bash experiments/scripts/gpu_tests.sh -m gpu \
                       tests/test_gpu_decode.py tests/test_gpu_gemv.py ;;
-    smoke)          timeout 170 python3 experiments/scripts/allreduce_smoke.py 2>&1 | grep -v "^I1\|^W1" ;;
+    smoke)          timeout 170 python3 experiments/scripts/allreduce_smoke.py 2>&1 | grep -v "^I1\|^W1" \
+                      | tee -a $OUT/full.log ;;  # SMOKE_TP=4 on four GPUs
     sanitize)       bash experiments/scripts/sanitize.sh ;;
     tune)           bench 300 bench_allreduce --tp "${TP:-2}" --flavours pallas --impls one_shot,one_shot_ll,two_shot \
                       --configs 2:16,1:16,4:32,8:32 --min_bytes 8192 --max_bytes 8388608 --size_step 4 \
@@ -48,7 +49,8 @@ for step in "$@"; do
                     done ;;
     add_norm)       bench 330 bench_allreduce --tp "${TP:-2}" --op add_norm \
                       --tokens "${TOKENS:-1,4,16,64,128}" --hidden "${HIDDEN:-4096,5120,8192}" \
-                      --fused_blocks "${FUSED_BLOCKS:-32,1}" ${CUPTI_FLAG:---cupti} ;;
+                      --fused_blocks "${FUSED_BLOCKS:-32,1}" ${CUPTI_FLAG:---cupti} \
+                      ${FLAVOURS:+--flavours $FLAVOURS} ;;  # FLAVOURS=pallas: the kernels alone
     diag)           for c in ${DIAG:-nocupti cupti}; do  # the abort at 256 KB (docs/allreduce.md), with copy counts
                       bench 150 bench_allreduce --tp 2 --flavours pallas --impls one_shot --$c \
                         --min_bytes 131072 --max_bytes 1048576 --runs 30; done ;;
