@@ -63,6 +63,9 @@ _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Empty or new persistent-cac
 _CB = flags.DEFINE_enum("command_buffers", "default", list(xla_env.COMMAND_BUFFERS),
                         "XLA command buffers on GPU (experiments/xla_env.py).")
 _PROFILE = flags.DEFINE_bool("profile_buckets", True, "Time every candidate bucket first.")
+_BUCKET_GRAPHS = flags.DEFINE_bool("bucket_graphs", True, "Compile the prefill executables with"
+                                   " XLA's command buffers (CUDA graphs); --nobucket_graphs"
+                                   " compiles them without (PrefillRuntime compiler_options).")
 _PROFILE_STEP = flags.DEFINE_integer(
     "profile_step", 32, "Candidate buckets: powers of two below this, then its multiples (a 7B"
     " model compiles for seconds per bucket: 64 halves the profile's time on a GPU call).")
@@ -107,7 +110,8 @@ def _serve(job: dict) -> dict:
   t0 = time.perf_counter()
   hybrid = job["policy"] == "hybrid"
   store = ExecutableStore(pathlib.Path(job["cache_dir"]) / "executables") if hybrid else None
-  runtime = prefill_runtime.PrefillRuntime(decoder, buckets, background=hybrid, store=store)
+  runtime = prefill_runtime.PrefillRuntime(decoder, buckets, background=hybrid, store=store,
+                                           compiler_options=job["compiler_options"])
   requests = []
 
   def serve(phase):
@@ -134,7 +138,8 @@ def _serve(job: dict) -> dict:
 def _profile(job: dict) -> list[dict]:
   """Compiles and times each candidate bucket: lower, compile, first run, steady run."""
   decoder = _decoder(job)
-  runtime = prefill_runtime.PrefillRuntime(decoder, job["candidates"], background=False)
+  runtime = prefill_runtime.PrefillRuntime(decoder, job["candidates"], background=False,
+                                           compiler_options=job["compiler_options"])
   cache, comm = decoder.new_cache(1), decoder.new_comm_state(1)
   rows = []
 
@@ -287,7 +292,8 @@ def main(argv):
   lengths = workload(_REQUESTS.value, _SEED.value)
   job = {"model": _MODEL.value, "tp": _TP.value, "max_len": max_len, "seed": _SEED.value,
          "lengths": lengths, "buckets": buckets, "cache_dir": str(cache_dir),
-         "naive_requests": _NAIVE_REQUESTS.value}
+         "naive_requests": _NAIVE_REQUESTS.value,
+         "compiler_options": {} if _BUCKET_GRAPHS.value else {"xla_gpu_enable_command_buffer": ""}}
   xla_flags = xla_env.apply(_CB.value)  # inherited by the policies' processes
   print(f"{len(lengths)} requests, buckets {list(buckets)}, persistent cache {cache_dir}",
         flush=True)
@@ -313,7 +319,8 @@ def main(argv):
             "policies": ",".join(policies), "naive_requests": _NAIVE_REQUESTS.value,
             "grid": ",".join(map(str, GRID)), "dtype": "bfloat16", "batch": 1,
             "profile_step": _PROFILE_STEP.value,
-            "command_buffers": _CB.value, "xla_flags_set": xla_flags, "cpu_count": os.cpu_count()}
+            "command_buffers": _CB.value, "bucket_graphs": _BUCKET_GRAPHS.value,
+            "xla_flags_set": xla_flags, "cpu_count": os.cpu_count()}
   path, results = None, []
   for done, (policy, start) in enumerate(runs, 1):
     results.append((policy, start, _in_fresh_process(_serve, {**job, "policy": policy})))

@@ -104,12 +104,15 @@ class PrefillRuntime:
   background=False compiles a bucket when a request first needs it, in that request's thread.
   `prior_lengths` (typical prompt lengths) weighs the background order; the default is uniform
   over 1..largest bucket. `store` loads buckets compiled by an earlier process and keeps the
-  ones compiled here.
+  ones compiled here. `compiler_options` (XLA debug options, e.g.
+  `{"xla_gpu_enable_command_buffer": ""}` for no CUDA graphs) apply to the buckets alone,
+  not to the process's other executables.
   """
 
   def __init__(self, decoder: Decoder, buckets: Sequence[int] | None = None, *,
                background: bool = True, prior_lengths: Sequence[int] | None = None,
-               store: ExecutableStore | None = None):
+               store: ExecutableStore | None = None,
+               compiler_options: dict[str, Any] | None = None):
     if buckets is None:
       buckets = default_buckets(decoder.max_len)
     buckets = tuple(sorted(set(buckets)))
@@ -117,6 +120,7 @@ class PrefillRuntime:
       raise ValueError(f"buckets {list(buckets)} must be non-empty and lie in"
                        f" [1, {decoder.max_len}] (the cache length)")
     self.decoder, self.buckets, self.background, self.store = decoder, buckets, background, store
+    self.compiler_options = dict(compiler_options or {})
     self._created = time.perf_counter()
     lengths = np.arange(1, buckets[-1] + 1) if prior_lengths is None else np.asarray(prior_lengths)
     slot = np.searchsorted(buckets, lengths[(lengths >= 1) & (lengths <= buckets[-1])])
@@ -274,7 +278,7 @@ class PrefillRuntime:
     d = self.decoder
     return self.store.key(kind="prefill", bucket=bucket, config=repr(d.config),
                           mesh=repr(d.mesh), backend=d.comm.backend, matmul=d.matmul,
-                          max_len=d.max_len)
+                          max_len=d.max_len, compiler_options=sorted(self.compiler_options.items()))
 
   def _compile(self, bucket: int) -> tuple[Any, float, float, str]:
     """(executable, lower s, compile or load s, source): from the store when it has the
@@ -288,7 +292,7 @@ class PrefillRuntime:
     lengths = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=self._replicated)
     lowered = self.decoder.prefill_fn.lower(self.decoder.state, *self._arg_specs, tokens, lengths)
     t1 = time.perf_counter()
-    executable = lowered.compile()
+    executable = lowered.compile(compiler_options=self.compiler_options or None)
     t2 = time.perf_counter()
     if self.store:
       self.store.save(key, executable)

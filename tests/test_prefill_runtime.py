@@ -191,3 +191,17 @@ def test_executable_store_keys_and_damaged_entries(decoder, tmp_path):
   assert again.stats()[0]["source"] == "compiled"  # the damaged entry was compiled anew
   _assert_same_prefill(again.prefill(_prompt(5)), _exact(decoder, _prompt(5)), 5)
   assert store.load(runtime._store_key(8), decoder.mesh.devices.flat) is not None  # replaced
+
+
+def test_compiler_options_apply_to_the_buckets_and_key_the_store(decoder, tmp_path):
+  """Buckets compiled without command buffers: the same prefill, a separate store entry."""
+  store = ExecutableStore(tmp_path / "executables")
+  no_graphs = {"xla_gpu_enable_command_buffer": ""}
+  plain = PrefillRuntime(decoder, (8,), background=False, store=store)
+  bare = PrefillRuntime(decoder, (8,), background=False, store=store, compiler_options=no_graphs)
+  assert plain._store_key(8) != bare._store_key(8)
+  _assert_same_prefill(bare.prefill(_prompt(5)), _exact(decoder, _prompt(5)), 5)
+  with pytest.raises(Exception, match="compiling the 8-token bucket failed") as info:
+    PrefillRuntime(decoder, (8,), background=False,
+                   compiler_options={"xla_no_such_option": ""}).wait()
+  assert "No such compile option" in str(info.value.__cause__)
