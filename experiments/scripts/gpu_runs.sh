@@ -47,8 +47,9 @@ for step in "$@"; do
                     for f in /tmp/dump_ar/*/*jit_chain*thunk_sequence_after_thunk_passes.txt; do
                       gzip -c "$f" > $OUT/dump_ar/$(basename $(dirname "$f"))_$(basename "$f").gz
                     done ;;
-    add_norm)       bench 330 bench_allreduce --tp "${TP:-2}" --op add_norm \
-                      --tokens "${TOKENS:-1,4,16,64,128}" --hidden "${HIDDEN:-4096,5120,8192}" \
+    add_norm_large) TOKENS=64,128 bash "$0" add_norm ;;  # the rest of the issue's token counts
+    add_norm)       bench 560 bench_allreduce --tp "${TP:-2}" --op add_norm \
+                      --tokens "${TOKENS:-1,4,16}" --hidden "${HIDDEN:-4096,5120,8192}" \
                       --fused_blocks "${FUSED_BLOCKS:-32,1}" ${CUPTI_FLAG:---cupti} \
                       ${FLAVOURS:+--flavours $FLAVOURS} ;;  # FLAVOURS=pallas: the kernels alone
     diag)           for c in ${DIAG:-nocupti cupti}; do  # the abort at 256 KB (docs/allreduce.md), with copy counts
