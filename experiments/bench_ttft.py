@@ -96,6 +96,22 @@ def _decoder(job) -> Decoder:
   return Decoder(config, graphdef, state, mesh, max_len=job["max_len"])
 
 
+class _Server:
+  """One request at a time over a runtime, each prefilling the cache the last one returned."""
+
+  def __init__(self, decoder: Decoder, runtime: prefill_runtime.PrefillRuntime):
+    self.runtime = runtime
+    self.cache, self.comm = decoder.new_cache(1), decoder.new_comm_state(1)
+
+  def request(self, prompt: list[int]):
+    """(TTFT in s: prompt in -> first token on the host, the runtime's Prefill)."""
+    start = time.perf_counter()
+    out = self.runtime.prefill(prompt, cache=self.cache, comm_state=self.comm)
+    int(out.next_b[0])
+    self.cache, self.comm = out.cache, out.comm_state
+    return time.perf_counter() - start, out
+
+
 def _serve(job: dict) -> dict:
   """Serves the workload under one policy; per-request timings and per-executable stats."""
   if job["policy"] == "hybrid":
@@ -106,23 +122,18 @@ def _serve(job: dict) -> dict:
   prompts = [rng.integers(3, decoder.config.vocab_size, n).tolist() for n in lengths]
   buckets = {"naive": range(1, job["max_len"] + 1), "pad_max": (job["max_len"],)}.get(
       job["policy"], job["buckets"])
-  cache, comm = decoder.new_cache(1), decoder.new_comm_state(1)
   t0 = time.perf_counter()
   hybrid = job["policy"] == "hybrid"
   store = ExecutableStore(pathlib.Path(job["cache_dir"]) / "executables") if hybrid else None
   runtime = prefill_runtime.PrefillRuntime(decoder, buckets, background=hybrid, store=store,
                                            compiler_options=job["compiler_options"])
-  requests = []
+  server, requests = _Server(decoder, runtime), []
 
   def serve(phase):
-    nonlocal cache, comm
     for prompt in prompts:
-      start = time.perf_counter()
-      out = runtime.prefill(prompt, cache=cache, comm_state=comm)
-      int(out.next_b[0])
-      ttft = time.perf_counter() - start
-      cache, comm = out.cache, out.comm_state
-      requests.append({"phase": phase, "t_s": start - t0, "length": len(prompt),
+      t_s = time.perf_counter() - t0
+      ttft, out = server.request(prompt)
+      requests.append({"phase": phase, "t_s": t_s, "length": len(prompt),
                        "bucket": out.bucket, "exact_bucket": runtime.bucket_for(len(prompt)),
                        "ttft_ms": ttft * 1e3, "compile_wait_ms": out.compile_wait_s * 1e3})
 
@@ -140,16 +151,9 @@ def _profile(job: dict) -> list[dict]:
   decoder = _decoder(job)
   runtime = prefill_runtime.PrefillRuntime(decoder, job["candidates"], background=False,
                                            compiler_options=job["compiler_options"])
-  cache, comm = decoder.new_cache(1), decoder.new_comm_state(1)
-  rows = []
-
-  def timed(bucket):
-    nonlocal cache, comm
-    start = time.perf_counter()
-    out = runtime.prefill(list(range(3, 2 + bucket)), cache=cache, comm_state=comm)
-    int(out.next_b[0])  # one token short of the bucket: room for the next one
-    cache, comm = out.cache, out.comm_state
-    return time.perf_counter() - start
+  server, rows = _Server(decoder, runtime), []
+  # One token short of the bucket: room for the next one.
+  timed = lambda bucket: server.request(list(range(3, 2 + bucket)))[0]
 
   for i, bucket in enumerate(runtime.buckets):
     times = [timed(bucket) for _ in range(4)]
