@@ -89,7 +89,7 @@ def _decode_section(rows):
           "gemm", "tpot_ms_median",
           "tpot_ms_p90", "tpot_ms_p99", "tokens_per_s", "weight_gbps_per_device",
           "hbm_copy_gbps", "floor_fraction", "gpu_all_reduce_us", "all_reduce_share_of_tpot",
-          "cupti_total_us", "gpu_busy_fraction",
+          "cupti_total_us", "gpu_busy_fraction", "loop_in_one_graph",
           "git_sha", "path"]
   rows = sorted(rows, key=lambda r: (r["model"], r["tp"], r["loop"], r["command_buffers"],
                                      r["xla_collectives"], r["backend"]))
@@ -119,7 +119,9 @@ def _decode_section(rows):
           " python loop, per step. Records dated before 2026-11-22T03:30 measured the copy"
           " bandwidth low (2.3-2.7 TB/s: one synchronous op per call, then an in-graph loop"
           " that XLA gave extra traffic), so `floor_fraction` in those rows is optimistic by up"
-          " to ~1.8x; later records time back-to-back asynchronous copies.\n\n"
+          " to ~1.8x; later records time back-to-back asynchronous copies."
+          " `loop_in_one_graph`: the jit loop's own thunk sequence in an XLA dump (runs with"
+          " `--dump_dir`) holds the while loop inside a command buffer.\n\n"
           + _plot("decode_tpot", draw) + "\n\n" + table(rows, cols))
 
 
