@@ -216,6 +216,11 @@ def _score_sets(profile: list[dict], lengths: list[int], max_len: int, default: 
   return rows
 
 
+def _interpolated(xs, ys):
+  """Time (ms) at any length, linear between the measured lengths `xs`."""
+  return lambda n: float(np.interp(n, xs, ys))
+
+
 def _naive_exact_ms(requests: list[dict]):
   """Exact-length prefill TTFT by length: naive's steady pass (each prompt in its own
   executable, already compiled), median per length, interpolated between lengths."""
@@ -223,9 +228,7 @@ def _naive_exact_ms(requests: list[dict]):
   for r in requests:
     if r["phase"] == "steady":
       by_len.setdefault(r["length"], []).append(r["ttft_ms"])
-  xs = sorted(by_len)
-  ys = [float(np.median(by_len[x])) for x in xs]
-  return lambda n: float(np.interp(n, xs, ys))
+  return _interpolated(sorted(by_len), [float(np.median(by_len[x])) for x in sorted(by_len)])
 
 
 def _policy_rows(name: str, start: str, result: dict, job: dict, exact=None) -> list[dict]:
@@ -310,7 +313,7 @@ def main(argv):
     profile = _in_fresh_process(_profile, {**job, "candidates": candidates})
     rows += [{"row": "bucket_profile", **p} for p in profile]
     xs, ys = [p["length"] for p in profile], [p["run_ms"] for p in profile]
-    exact = ("bucket profile", lambda n: float(np.interp(n, xs, ys)))
+    exact = ("bucket profile", _interpolated(xs, ys))
     sets = _score_sets(profile, lengths, max_len, prefill_runtime.default_buckets(max_len))
     rows += [{"row": "bucket_set", **s} for s in sets]
     for s in sets:

@@ -102,8 +102,8 @@ def thunk_evidence(dump_dir: str, module: str, skip: frozenset[str] = frozenset(
   kinds = collections.Counter(m.group(0) for l in lines for m in [_THUNK_KIND.search(l)] if m)
   at = next((i for i, l in enumerate(lines) if "while" in l.lower()), None)
   # A top-level (unindented) kWhile is a host-side loop; nested in a kCommandBuffer it is
-  # the graph's WHILE node. Beside a host-side loop: the body's thunks left outside graphs,
-  # and loop-dependent dynamic slice fusions (XLA keeps such a loop on the host).
+  # the graph's WHILE node. Beside a host-side loop: the body's thunks left outside graphs
+  # (none when a loop-dependent kDynamicSliceFusion alone kept it there: see thunk_kinds).
   host_while = any(re.match(r"\d+: kWhile", l) for l in lines)
   outside, in_body = collections.Counter(), False
   for l in lines:
