@@ -21,8 +21,10 @@ for step in "$@"; do
     tests)          TEST_TIMEOUT=420 bash experiments/scripts/gpu_tests.sh -m gpu tests ;;
     tests_comm)     TEST_LOG=comm TEST_TIMEOUT=500 bash experiments/scripts/gpu_tests.sh -m gpu \
                       tests/test_gpu_all_reduce.py tests/test_gpu_fused.py ;;
-    tests_model)    TEST_LOG=model TEST_TIMEOUT=500 bash experiments/scripts/gpu_tests.sh -m gpu \
-                      tests/test_gpu_decode.py tests/test_gpu_gemv.py ;;
+    tests_model)    TEST_LOG=model TEST_TIMEOUT=300 bash experiments/scripts/gpu_tests.sh -m gpu \
+                      tests/test_gpu_decode.py ;;
+    tests_gemv)     TEST_LOG=gemv TEST_TIMEOUT=500 bash experiments/scripts/gpu_tests.sh -m gpu \
+                      tests/test_gpu_gemv.py ;;
     smoke)          timeout 170 python3 experiments/scripts/allreduce_smoke.py 2>&1 | grep -v "^I1\|^W1" \
                       | tee -a $OUT/full.log ;;  # SMOKE_TP=4 on four GPUs
     sanitize)       bash experiments/scripts/sanitize.sh ;;
@@ -83,7 +85,10 @@ for step in "$@"; do
                       --runs 4 --loops jit ;;  # the same configurations as `graph`, default graphs
     decode_nccl)    TPS=2 decode --backend xla --xla_collectives nccl --runs 4 ;;  # NCCL: no WHILE graph
     decode_off)     decode --backend xla,fused --command_buffers off --profile --cupti --runs 4 ;;
-    ttft)           bench 560 bench_ttft --model llama2-7b --tp "${TP:-1}" \
+    matrix)         for args in "--command_buffers off --profile" "--command_buffers default" \
+                                "--xla_collectives nccl"; do  # issue 3's matrix, both loops, xla
+                      DECODE_TIMEOUT=190 TPS=${TPS:-4} decode --backend xla --runs 4 $args; done ;;
+    ttft)           bench "${TTFT_TIMEOUT:-560}" bench_ttft --model llama2-7b --tp "${TP:-1}" \
                       --policies "${POLICIES:-naive,pad_max,buckets,hybrid}" \
                       --naive_requests "${NAIVE_REQUESTS:-25}" --profile_step "${PROFILE_STEP:-64}" \
                       ${NO_BUCKET_GRAPHS:+--nobucket_graphs} ;;  # is the switch cost graphs'?
