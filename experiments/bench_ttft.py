@@ -63,9 +63,9 @@ _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Empty or new persistent-cac
 _CB = flags.DEFINE_enum("command_buffers", "default", list(xla_env.COMMAND_BUFFERS),
                         "XLA command buffers on GPU (experiments/xla_env.py).")
 _PROFILE = flags.DEFINE_bool("profile_buckets", True, "Time every candidate bucket first.")
-_BUCKET_GRAPHS = flags.DEFINE_bool("bucket_graphs", True, "Compile the prefill executables with"
-                                   " XLA's command buffers (CUDA graphs); --nobucket_graphs"
-                                   " compiles them without (PrefillRuntime compiler_options).")
+_BUCKET_GRAPHS = flags.DEFINE_bool("bucket_graphs", False, "Compile the prefill executables"
+                                   " with XLA's command buffers (CUDA graphs; PrefillRuntime"
+                                   " graphs=True); the runtime's default is without.")
 _PROFILE_STEP = flags.DEFINE_integer(
     "profile_step", 32, "Candidate buckets: powers of two below this, then its multiples (a 7B"
     " model compiles for seconds per bucket: 64 halves the profile's time on a GPU call).")
@@ -126,7 +126,7 @@ def _serve(job: dict) -> dict:
   hybrid = job["policy"] == "hybrid"
   store = ExecutableStore(pathlib.Path(job["cache_dir"]) / "executables") if hybrid else None
   runtime = prefill_runtime.PrefillRuntime(decoder, buckets, background=hybrid, store=store,
-                                           compiler_options=job["compiler_options"])
+                                           graphs=job["graphs"])
   server, requests = _Server(decoder, runtime), []
 
   def serve(phase):
@@ -150,26 +150,30 @@ def _profile(job: dict) -> list[dict]:
   """Compiles and times each candidate bucket: lower, compile, first run, steady run."""
   decoder = _decoder(job)
   runtime = prefill_runtime.PrefillRuntime(decoder, job["candidates"], background=False,
-                                           compiler_options=job["compiler_options"])
+                                           graphs=job["graphs"])
   server, rows = _Server(decoder, runtime), []
   # One token short of the bucket: room for the next one.
   timed = lambda bucket: server.request(list(range(3, 2 + bucket)))[0]
 
+  def after(other, bucket):  # median ms of `bucket` right after a run of `other`
+    return float(np.median([(timed(other), timed(bucket))[1] for _ in range(3)])) * 1e3
+
   for i, bucket in enumerate(runtime.buckets):
     times = [timed(bucket) for _ in range(4)]
-    # The same bucket right after another one (a server's usual order): what switching
-    # executables adds (docs/prefill.md).
-    switched = [(timed(runtime.buckets[i - 1]), timed(bucket))[1] for _ in range(3)] if i else []
     stats = next(s for s in runtime.stats() if s["bucket"] == bucket)
+    # Right after another bucket (a server's usual order): what switching executables adds,
+    # after the next smaller one and after the largest (whose temporaries are the largest).
     row = {"length": bucket, "lower_s": stats["lower_s"], "compile_s": stats["compile_s"],
            "first_run_s": times[0] - stats["lower_s"] - stats["compile_s"],
            "run_ms": float(np.median(times[1:])) * 1e3,
-           "after_switch_ms": float(np.median(switched)) * 1e3 if switched else None,
+           "after_switch_ms": after(runtime.buckets[i - 1], bucket) if i else None,
+           "after_largest_ms": after(runtime.buckets[-1], bucket) if i else None,
            "code_bytes": stats["code_bytes"], "temp_bytes": stats["temp_bytes"]}
     rows.append(row)
     print(f"  bucket {bucket:4d}: lower {row['lower_s']:.2f} s  compile {row['compile_s']:.2f} s"
-          f"  first run {row['first_run_s']:.2f} s  run {row['run_ms']:.1f} ms"
-          f"  after a switch {row['after_switch_ms'] or 0:.1f} ms", flush=True)
+          f"  first run {row['first_run_s']:.2f} s  run {row['run_ms']:.1f} ms  after the"
+          f" next smaller {row['after_switch_ms'] or 0:.1f} ms, after the largest"
+          f" {row['after_largest_ms'] or 0:.1f} ms", flush=True)
   return rows
 
 
@@ -300,7 +304,7 @@ def main(argv):
   job = {"model": _MODEL.value, "tp": _TP.value, "max_len": max_len, "seed": _SEED.value,
          "lengths": lengths, "buckets": buckets, "cache_dir": str(cache_dir),
          "naive_requests": _NAIVE_REQUESTS.value,
-         "compiler_options": {} if _BUCKET_GRAPHS.value else {"xla_gpu_enable_command_buffer": ""}}
+         "graphs": _BUCKET_GRAPHS.value}
   xla_flags = xla_env.apply(_CB.value)  # inherited by the policies' processes
   print(f"{len(lengths)} requests, buckets {list(buckets)}, persistent cache {cache_dir}",
         flush=True)

@@ -379,13 +379,14 @@ def _ttft_record(rows: list[dict[str, Any]]) -> str:
                          "first_run_s"]))
   if of("bucket_profile"):
     out += ("\n\nBucket choice: every candidate length compiled and timed alone (`run_ms`: median"
-            " of three runs after the first; `after_switch_ms`: the same right after a run of"
-            " the next smaller bucket), then bucket sets scored on this workload as if all"
+            " of three runs after the first; `after_switch_ms` / `after_largest_ms`: the same"
+            " right after a run of the next smaller / the largest bucket), then bucket sets scored on this workload as if all"
             " their buckets were compiled (`vs_exact`: expected prefill time over exact-length"
             " prefill; `_short`: prompts of at most 100 tokens; `build_s_total`: lowering,"
             " compilation and first run of all its buckets).\n\n"
             + table(of("bucket_profile"), ["length", "lower_s", "compile_s", "first_run_s",
-                                            "run_ms", "after_switch_ms", "temp_bytes"]) + "\n\n"
+                                            "run_ms", "after_switch_ms", "after_largest_ms",
+                                            "temp_bytes"]) + "\n\n"
             + table(of("bucket_set"), ["set", "count", "expected_prefill_ms", "vs_exact",
                                         "expected_prefill_ms_short", "vs_exact_short",
                                         "build_s_total", "buckets"]))

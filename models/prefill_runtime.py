@@ -13,8 +13,8 @@ Each bucket is lowered and compiled once (`lower(...).compile()`) and kept. With
 then in the order of their expected saving (how likely a prompt needs the bucket, from a prior
 and the requests seen, times the run time it saves over the next larger ready bucket). It runs
 each new executable twice once it is ready: the first run pays one-off costs off the request
-path (capturing XLA's command buffers as CUDA graphs on GPU; 0.2-0.6 s on XLA:CPU), the second
-measures its run time. A request
+path (loading its kernels, capturing its CUDA graphs if any; 0.2-0.6 s on XLA:CPU), the second
+measures its run time (`wait()` returns after both). A request
 whose bucket is not ready takes whichever is estimated faster: waiting for its bucket (moved
 to the front of the queue) or running now in a larger ready one. Requests may come from many
 threads.
@@ -45,6 +45,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from models.decode import Decoder
 from models.executable_store import ExecutableStore
 from models.llama import KVCache
+
+# XLA's command buffers (CUDA graphs) for the buckets: off unless asked for. Measured on one
+# H200 (docs/prefill.md, "Graphs or not"): with them, a bucket that runs after a different one
+# pays ~3 ms, and a server switches buckets on most requests; without them, 7B steady-state TTFT
+# dropped from 14.3 to 11.0 ms (median, 210 requests).
+NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
 
 # Measured with experiments/bench_ttft.py (docs/prefill.md, "Bucket choice"): compile time per
 # bucket is flat in its length while run time grows with it; these 10 buckets for 512 slots
@@ -104,14 +110,14 @@ class PrefillRuntime:
   background=False compiles a bucket when a request first needs it, in that request's thread.
   `prior_lengths` (typical prompt lengths) weighs the background order; the default is uniform
   over 1..largest bucket. `store` loads buckets compiled by an earlier process and keeps the
-  ones compiled here. `compiler_options` (XLA debug options, e.g.
-  `{"xla_gpu_enable_command_buffer": ""}` for no CUDA graphs) apply to the buckets alone,
-  not to the process's other executables.
+  ones compiled here. `graphs=True` compiles the buckets with XLA's command buffers (see
+  NO_GRAPHS); `compiler_options` (XLA debug options) are added to that choice. Both apply to
+  the buckets alone, not to the process's other executables (the decode loop keeps its graph).
   """
 
   def __init__(self, decoder: Decoder, buckets: Sequence[int] | None = None, *,
                background: bool = True, prior_lengths: Sequence[int] | None = None,
-               store: ExecutableStore | None = None,
+               store: ExecutableStore | None = None, graphs: bool = False,
                compiler_options: dict[str, Any] | None = None):
     if buckets is None:
       buckets = default_buckets(decoder.max_len)
@@ -120,7 +126,7 @@ class PrefillRuntime:
       raise ValueError(f"buckets {list(buckets)} must be non-empty and lie in"
                        f" [1, {decoder.max_len}] (the cache length)")
     self.decoder, self.buckets, self.background, self.store = decoder, buckets, background, store
-    self.compiler_options = dict(compiler_options or {})
+    self.compiler_options = {**({} if graphs else NO_GRAPHS), **(compiler_options or {})}
     self._created = time.perf_counter()
     lengths = np.arange(1, buckets[-1] + 1) if prior_lengths is None else np.asarray(prior_lengths)
     slot = np.searchsorted(buckets, lengths[(lengths >= 1) & (lengths <= buckets[-1])])
@@ -222,12 +228,19 @@ class PrefillRuntime:
   # ---- compilation -------------------------------------------------------------------
 
   def wait(self, bucket: int | None = None) -> None:
-    """Blocks until `bucket` (default: every bucket) is compiled: moved to the front of the
-    background queue, or compiled in this thread without background compilation."""
+    """Blocks until `bucket` (default: every bucket) is compiled (moved to the front of the
+    background queue, or compiled in this thread without background compilation) and, in the
+    background, warmed up: its one-off first-run costs are paid, and no background work is
+    left to compete with requests for it."""
     for b in self.buckets if bucket is None else (bucket,):
       if b not in self.buckets:
         raise ValueError(f"{b} is not one of the buckets {list(self.buckets)}")
-      self._ensure(b)
+      built = self._ensure(b)
+      if self.background:
+        with self._cv:  # a failed warm-up unpublishes the bucket: _ensure then raises
+          self._cv.wait_for(lambda: self._closed or self._built.get(b) is not built
+                            or built.run_s is not None)
+        self._ensure(b)
 
   def _ensure(self, bucket: int) -> _Built:
     while True:
@@ -318,6 +331,7 @@ class PrefillRuntime:
       return
     with self._cv:
       built.first_run_s, built.run_s = first_run_s, run_s
+      self._cv.notify_all()
 
   def _publish(self, bucket: int, built: _Built | None = None, error: Exception | None = None):
     with self._cv:

@@ -12,7 +12,7 @@ import pytest
 from hf_fixtures import random_weights, tiny_config, write_checkpoint
 from model_helpers import decoder_from_weights
 from models.executable_store import ExecutableStore
-from models.prefill_runtime import PrefillRuntime, default_buckets
+from models.prefill_runtime import NO_GRAPHS, PrefillRuntime, default_buckets
 
 MAX_LEN = 64
 BUCKETS = (8, 16, 32, 48, 64)
@@ -89,10 +89,9 @@ def test_concurrent_requests_during_background_compilation(decoder):
     for n, got in zip(lengths, results):
       assert got.bucket >= n
       _assert_same_prefill(got, refs[n], n)
-    runtime.wait()
+    runtime.wait()  # compiled and warmed up: every bucket was run twice off the request path
     assert runtime.ready() == runtime.buckets
-  # Closing lets the warm-up under way finish: every bucket was run twice off the request path.
-  assert all(row["compile_s"] > 0 and row["run_s"] > 0 for row in runtime.stats())
+    assert all(row["compile_s"] > 0 and row["run_s"] > 0 for row in runtime.stats())
 
 
 def test_fallback_to_a_larger_ready_bucket(decoder):
@@ -193,14 +192,14 @@ def test_executable_store_keys_and_damaged_entries(decoder, tmp_path):
   assert store.load(runtime._store_key(8), decoder.mesh.devices.flat) is not None  # replaced
 
 
-def test_compiler_options_apply_to_the_buckets_and_key_the_store(decoder, tmp_path):
-  """Buckets compiled without command buffers: the same prefill, a separate store entry."""
+def test_graphs_and_compiler_options_apply_to_the_buckets_and_key_the_store(decoder, tmp_path):
+  """Buckets with command buffers (not the default): the same prefill, a separate store entry."""
   store = ExecutableStore(tmp_path / "executables")
-  no_graphs = {"xla_gpu_enable_command_buffer": ""}
   plain = PrefillRuntime(decoder, (8,), background=False, store=store)
-  bare = PrefillRuntime(decoder, (8,), background=False, store=store, compiler_options=no_graphs)
-  assert plain._store_key(8) != bare._store_key(8)
-  _assert_same_prefill(bare.prefill(_prompt(5)), _exact(decoder, _prompt(5)), 5)
+  graphs = PrefillRuntime(decoder, (8,), background=False, store=store, graphs=True)
+  assert plain.compiler_options == NO_GRAPHS and graphs.compiler_options == {}
+  assert plain._store_key(8) != graphs._store_key(8)
+  _assert_same_prefill(graphs.prefill(_prompt(5)), _exact(decoder, _prompt(5)), 5)
   with pytest.raises(Exception, match="compiling the 8-token bucket failed") as info:
     PrefillRuntime(decoder, (8,), background=False,
                    compiler_options={"xla_no_such_option": ""}).wait()

@@ -91,7 +91,7 @@ for step in "$@"; do
     ttft)           bench "${TTFT_TIMEOUT:-560}" bench_ttft --model llama2-7b --tp "${TP:-1}" \
                       --policies "${POLICIES:-naive,pad_max,buckets,hybrid}" \
                       --naive_requests "${NAIVE_REQUESTS:-25}" --profile_step "${PROFILE_STEP:-64}" \
-                      ${NO_BUCKET_GRAPHS:+--nobucket_graphs} ;;  # is the switch cost graphs'?
+                      ${BUCKET_GRAPHS:+--bucket_graphs} ;;  # buckets with CUDA graphs
     generate)       for tp in 1 2; do timeout 90 python3 -m experiments.generate --tp $tp 2>&1 \
                       | grep -v "^I1\|^W1" | tail -7; done ;;
     *) echo "unknown step $step" ;;
