@@ -61,6 +61,8 @@ _DUMP = flags.DEFINE_string("dump_dir", None, "XLA dump per child under this dir
                             " record gets each child's loop thunk sequence excerpts.")
 _FUSED_BLOCKS = flags.DEFINE_list("fused_blocks", ["32"], "add_norm: grid caps (blocks) for the"
                                   " fused kernels to sweep; the first is the kernel's default.")
+_TIME_LIMIT = flags.DEFINE_float("time_limit_s", None, "Stop this many seconds after the start"
+                                 " and record what was measured (set it inside an outer timeout).")
 _CONFIGS = flags.DEFINE_list("configs", ["2:16"], "pallas flavour, all_reduce: kernel tilings"
                              " `vectors:max_blocks` (common.Config) to sweep; the first is also"
                              " used by auto.")
@@ -296,14 +298,20 @@ def main(argv):
             "impls": _IMPLS.value, "size_step": _STEP.value, **_apply_thresholds()}
   name = "allreduce" if _OP.value == "all_reduce" else "add_norm"
   rows, path = [], None
+  deadline = time.monotonic() + _TIME_LIMIT.value if _TIME_LIMIT.value else None
   for done, flavour in enumerate(flavours, 1):  # the record after every child: a run cut
-    rows += xla_env.run_children("experiments.bench_allreduce", [flavour])  # short keeps it
-    extra = {"children_done": f"{done} of {len(flavours)}"}
+    rows += xla_env.run_children("experiments.bench_allreduce", [flavour],  # short keeps it
+                                 deadline=deadline)
+    cut = deadline is not None and time.monotonic() >= deadline
+    extra = {"children_done": f"{done - cut} of {len(flavours)}"
+                              + (f" ({flavour} cut at the time limit)" if cut else "")}
     if _DUMP.value:  # did the chained loop become one graph with a WHILE node?
       extra["thunk_evidence"] = {f: xla_env.thunk_evidence(os.path.join(_DUMP.value, f),
                                                            "jit_chain")
                                  for f in flavours[:done]}
     path = records.write(name, config, rows, extra=extra, path=path)
+    if cut:
+      break
   print(f"record: {path}")
 
 if __name__ == "__main__":

@@ -158,20 +158,21 @@ def _profile(job: dict) -> list[dict]:
   def after(other, bucket):  # median ms of `bucket` right after a run of `other`
     return float(np.median([(timed(other), timed(bucket))[1] for _ in range(3)])) * 1e3
 
-  for i, bucket in enumerate(runtime.buckets):
+  buckets = runtime.buckets
+  for bucket in buckets:  # compiled on its first request here
     times = [timed(bucket) for _ in range(4)]
     stats = next(s for s in runtime.stats() if s["bucket"] == bucket)
+    rows.append({"length": bucket, "lower_s": stats["lower_s"], "compile_s": stats["compile_s"],
+                 "first_run_s": times[0] - stats["lower_s"] - stats["compile_s"],
+                 "run_ms": float(np.median(times[1:])) * 1e3,
+                 "code_bytes": stats["code_bytes"], "temp_bytes": stats["temp_bytes"]})
+  for i, row in enumerate(rows):
     # Right after another bucket (a server's usual order): what switching executables adds,
     # after the next smaller one and after the largest (whose temporaries are the largest).
-    row = {"length": bucket, "lower_s": stats["lower_s"], "compile_s": stats["compile_s"],
-           "first_run_s": times[0] - stats["lower_s"] - stats["compile_s"],
-           "run_ms": float(np.median(times[1:])) * 1e3,
-           "after_switch_ms": after(runtime.buckets[i - 1], bucket) if i else None,
-           "after_largest_ms": after(runtime.buckets[-1], bucket) if i else None,
-           "code_bytes": stats["code_bytes"], "temp_bytes": stats["temp_bytes"]}
-    rows.append(row)
-    print(f"  bucket {bucket:4d}: lower {row['lower_s']:.2f} s  compile {row['compile_s']:.2f} s"
-          f"  first run {row['first_run_s']:.2f} s  run {row['run_ms']:.1f} ms  after the"
+    row["after_switch_ms"] = after(buckets[i - 1], buckets[i]) if i else None
+    row["after_largest_ms"] = after(buckets[-1], buckets[i]) if i < len(rows) - 1 else None
+    print(f"  bucket {buckets[i]:4d}: lower {row['lower_s']:.2f} s  compile {row['compile_s']:.2f}"
+          f" s  first run {row['first_run_s']:.2f} s  run {row['run_ms']:.1f} ms  after the"
           f" next smaller {row['after_switch_ms'] or 0:.1f} ms, after the largest"
           f" {row['after_largest_ms'] or 0:.1f} ms", flush=True)
   return rows

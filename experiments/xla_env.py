@@ -152,17 +152,27 @@ class ChildLog:
       os.remove(self._pending)
 
 
-def run_children(module: str, names: list[str], restarts: int = 8) -> list[dict]:
+def run_children(module: str, names: list[str], restarts: int = 8,
+                 deadline: float | None = None) -> list[dict]:
   """Runs `python -m module <this process's argv> --child=NAME --child_out=FILE` once per name
   (XLA flags are per process, so each setting compared gets its own process) and returns
   the rows the children wrote, in order. A child that dies is restarted where it stopped
-  (ChildLog), up to `restarts` times while it makes progress."""
+  (ChildLog), up to `restarts` times while it makes progress. At `deadline` (a
+  time.monotonic() value) the running child is killed, keeping its rows, and no other starts."""
   rows = []
   for name in names:
     out = tempfile.mktemp(suffix=".json")
     cmd = [sys.executable, "-m", module, *sys.argv[1:], f"--child={name}", f"--child_out={out}"]
     for _ in range(restarts + 1):
-      proc = subprocess.run(cmd, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
+      try:
+        proc = subprocess.run(cmd, env={**os.environ, "NCCL_NVLS_ENABLE": "0"}, timeout=None
+                              if deadline is None else max(deadline - time.monotonic(), 0.0))
+      except subprocess.TimeoutExpired:
+        print(f"child {name} stopped at the time limit; keeping its rows so far", flush=True)
+        if os.path.exists(out):
+          with open(out) as f:
+            rows += json.load(f)
+        return rows
       if not proc.returncode or not os.path.exists(out + ".pending"):
         break  # finished, or died outside a case (no progress to resume from)
       print(f"child {name} died (rc={proc.returncode}) during a case; restarting after it",

@@ -235,11 +235,13 @@ def test_workspace_copies_found_in_optimized_hlo():
   assert [line.split()[0] for line in found] == ["%copy.3", "%copy-start.1", "%wrapped_copy.2"]
 
 
-def test_auto_tp2_ranges_are_derived_from_the_records_they_cite():
-  """THRESHOLDS[2] is what experiments/thresholds.derive gives on the records its comment names."""
+@pytest.mark.parametrize("n, names", [
+    (2, ("20261122T060607632282Z", "20261122T063028449773Z")), (4, ("20261122T094025976278Z",))])
+def test_auto_ranges_are_derived_from_the_records_they_cite(n, names):
+  """THRESHOLDS[n] is what experiments/thresholds.derive gives on the records its comment names."""
   import json
   from experiments.thresholds import derive
   root = pathlib.Path(__file__).parent.parent / "experiments" / "results" / "allreduce"
-  rows = [row for name in ("20261122T060607632282Z", "20261122T063028449773Z")
+  rows = [row for name in names
           for row in json.loads((root / f"{name}.json").read_text())["results"]]
-  assert derive(rows, 2) == all_reduce.THRESHOLDS[2]
+  assert derive(rows, n) == all_reduce.THRESHOLDS[n]

@@ -169,6 +169,27 @@ def test_a_child_that_dies_during_a_case_is_restarted_after_it(tmp_path, monkeyp
   assert [r["value"] for r in rows if r["case"] != 1] == [0, 20, 30]
 
 
+def test_a_child_past_the_deadline_keeps_its_rows_and_no_other_starts(tmp_path, monkeypatch):
+  """xla_env.run_children(deadline=...): the child measuring when time runs out is killed; the
+  rows it wrote are returned and the next child never runs."""
+  import time
+  from experiments import xla_env
+  (tmp_path / "slow_mod.py").write_text(
+      "import sys, time\n"
+      "from experiments.xla_env import ChildLog\n"
+      "log = ChildLog(sys.argv[-1].split('=', 1)[1])\n"
+      "name = sys.argv[-2].split('=', 1)[1]\n"
+      "for case in range(100):\n"
+      "  log.add({'name': name, 'case': case})\n"
+      "  time.sleep(0.5 if case else 0)\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
+  monkeypatch.setattr(sys, "argv", ["prog"])
+  rows = xla_env.run_children("slow_mod", ["first", "second"], deadline=time.monotonic() + 8)
+  assert rows and {r["name"] for r in rows} == {"first"}
+  assert [r["case"] for r in rows] == list(range(len(rows))) and len(rows) < 100
+
+
 def test_thunk_evidence_reads_the_named_module(tmp_path):
   """xla_env.thunk_evidence: the loop's own thunk sequence, its kinds and the while context."""
   from experiments import xla_env

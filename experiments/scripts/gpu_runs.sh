@@ -31,16 +31,17 @@ for step in "$@"; do
     tune)           bench 300 bench_allreduce --tp "${TP:-2}" --flavours pallas --impls one_shot,one_shot_ll,two_shot \
                       --configs 2:16,1:16,4:32,8:32 --min_bytes 8192 --max_bytes 8388608 --size_step 4 \
                       --runs 5 ;;
-    allreduce)      bench 330 bench_allreduce --tp "${TP:-2}" | tee /tmp/sweep.log
+    allreduce)      bench 330 bench_allreduce --tp "${TP:-2}" --time_limit_s 310 | tee /tmp/sweep.log
                     rec=$(sed -n 's/^record: //p' /tmp/sweep.log)  # auto, with thresholds from it
                     [ -n "$rec" ] && bench 200 bench_allreduce --tp "${TP:-2}" --impls auto \
-                      --flavours psum_default,psum_nccl,pallas --thresholds_from "$rec" ;;
-    allreduce4)     bench 300 bench_allreduce --tp 4 --max_bytes 8388608 --nocupti --runs 5 \
-                      --configs 2:16,8:32 | tee /tmp/sweep4.log  # the kernels' range, 2 tilings
-                    rec=$(sed -n 's/^record: //p' /tmp/sweep4.log)
-                    [ -n "$rec" ] && bench 150 bench_allreduce --tp 4 --impls auto --nocupti \
-                      --max_bytes 8388608 --flavours psum_default,psum_nccl,pallas \
-                      --thresholds_from "$rec" ;;
+                      --flavours psum_default,psum_nccl,pallas --thresholds_from "$rec" \
+                      --time_limit_s 180 ;;
+    allreduce4)     bench 560 bench_allreduce --tp 4 --min_bytes "${MIN_BYTES:-262144}" \
+                      --max_bytes 8388608 --nocupti --runs 5 --configs 2:16,8:32 \
+                      --time_limit_s 530 ;;  # 4-128 KB: allreduce/20261122T094025976278Z
+    auto4)          bench 560 bench_allreduce --tp 4 --impls auto --nocupti --max_bytes 8388608 \
+                      --flavours psum_default,psum_nccl,pallas --time_limit_s 530 \
+                      ${THRESHOLDS_FROM:+--thresholds_from $THRESHOLDS_FROM} ;;  # else as committed
     auto)           bench 200 bench_allreduce --tp "${TP:-2}" --impls auto --nocupti \
                       --flavours psum_default,psum_nccl,pallas ;;  # THRESHOLDS as committed
     allreduce_dump) bench 150 bench_allreduce --tp 2 --min_bytes 8192 --max_bytes 8192 --nocupti \
@@ -53,7 +54,7 @@ for step in "$@"; do
     add_norm)       bench 560 bench_allreduce --tp "${TP:-2}" --op add_norm \
                       --tokens "${TOKENS:-1,4,16}" --hidden "${HIDDEN:-4096,5120,8192}" \
                       --fused_blocks "${FUSED_BLOCKS:-32,1}" ${CUPTI_FLAG:---cupti} \
-                      ${FLAVOURS:+--flavours $FLAVOURS} ;;  # FLAVOURS=pallas: the kernels alone
+                      --time_limit_s 540 ${FLAVOURS:+--flavours $FLAVOURS} ;;  # FLAVOURS=pallas: kernels alone
     diag)           for c in ${DIAG:-nocupti cupti}; do  # the abort at 256 KB (docs/allreduce.md), with copy counts
                       bench 150 bench_allreduce --tp 2 --flavours pallas --impls one_shot --$c \
                         --min_bytes 131072 --max_bytes 1048576 --runs 30; done ;;
