@@ -21,7 +21,7 @@ for step in "$@"; do
     tests)          TEST_TIMEOUT=420 bash experiments/scripts/gpu_tests.sh -m gpu tests ;;
     tests_comm)     TEST_LOG=comm TEST_TIMEOUT=500 bash experiments/scripts/gpu_tests.sh -m gpu \
                       tests/test_gpu_all_reduce.py tests/test_gpu_fused.py ;;
-    tests_model)    TEST_LOG=model TEST_TIMEOUT=300 bash experiments/scripts/gpu_tests.sh -m gpu \
+    tests_model)    TEST_LOG=model TEST_TIMEOUT=540 bash experiments/scripts/gpu_tests.sh -m gpu \
                       tests/test_gpu_decode.py ;;
     tests_gemv)     TEST_LOG=gemv TEST_TIMEOUT=500 bash experiments/scripts/gpu_tests.sh -m gpu \
                       tests/test_gpu_gemv.py ;;
