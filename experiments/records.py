@@ -108,9 +108,9 @@ def load(experiment: str | None = None, root: pathlib.Path | None = None) -> lis
 
 
 def load_rows(experiment: str, root: pathlib.Path | None = None) -> list[dict[str, Any]]:
-  """Every result row of an experiment, each joined with its record's provenance."""
+  """Every result row of an experiment, each joined with its record's provenance and config."""
   rows = []
   for rec in load(experiment, root):
-    meta = {k: rec[k] for k in ("path", "git_sha", "date", "device_kind", "num_devices")}
+    meta = {k: rec[k] for k in ("path", "git_sha", "date", "device_kind", "num_devices", "config")}
     rows.extend({**meta, **row} for row in rec["results"])
   return rows

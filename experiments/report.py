@@ -358,7 +358,13 @@ def _ttft_record(rows: list[dict[str, Any]]) -> str:
     execs.append({"policy": name, "executables": len(mine),
                   "from_store": sum(r.get("source") == "store" for r in mine),
                   **{k: sum(v) / len(v) if v else None for k, v in means.items()}})
-  out = (f"### {title} x{head['num_devices']}, TP{head['tp']} ({path}, {head['git_sha']})\n\n"
+  # Buckets ran with XLA's command buffers unless the config says otherwise (the default
+  # before session 6); XLA:CPU has none.
+  graphs = "" if head["device_kind"] == "cpu" else (
+      ", buckets with CUDA graphs" if head["config"].get("bucket_graphs", True)
+      else ", buckets without CUDA graphs")
+  out = (f"### {title} x{head['num_devices']}, TP{head['tp']}{graphs} ({path},"
+         f" {head['git_sha']})\n\n"
          + table(policies, ["run", "requests", "ttft_ms_median", "ttft_ms_p90", "ttft_ms_p99",
                             "first_ttft_ms", "ready_all_s", "executables", "exec_temp_mib",
                             "compile_s_total", "fallbacks", "blocked_on_compile",
