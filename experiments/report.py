@@ -177,7 +177,8 @@ def _claims_section(rows):
                and n["row"] == "policy" and n["policy"] == "naive"]
       if naive:
         lines.append(f"| TTFT P99, hybrid ({r['start']} start) vs naive jit per length |"
-                     f" -66% (arXiv 2604.23467) |"
+                     f" -66% (arXiv 2604.23467: TTFT against TensorRT-LLM, a different"
+                     f" baseline) |"
                      f" {r['ttft_ms_p99'] / naive[0]['ttft_ms_p99'] - 1:+.1%} ({r['model']},"
                      f" TP={r['tp']}, {r['device_kind']}) | {r['path']} |")
   for path, recs in _by_record(records.load_rows("add_norm")).items():
