@@ -59,13 +59,14 @@ _FLAVOURS = flags.DEFINE_list("flavours", None, "Subset of the child flavours (d
 _IMPLS = flags.DEFINE_list("impls", None, "pallas flavour: subset of its implementations.")
 _DUMP = flags.DEFINE_string("dump_dir", None, "XLA dump per child under this directory; the"
                             " record gets each child's loop thunk sequence excerpts.")
-_FUSED_BLOCKS = flags.DEFINE_list("fused_blocks", ["32"], "add_norm: grid caps (blocks) for the"
-                                  " fused kernels to sweep; the first is the kernel's default.")
+_FUSED_BLOCKS = flags.DEFINE_list("fused_blocks", ["32"], "add_norm: grid caps `blocks[:poll]`"
+                                  " for the fused kernels to sweep (poll: common.POLLS); the"
+                                  " first is the kernel's default.")
 _TIME_LIMIT = flags.DEFINE_float("time_limit_s", None, "Stop this many seconds after the start"
                                  " and record what was measured (set it inside an outer timeout).")
 _CONFIGS = flags.DEFINE_list("configs", ["2:16"], "pallas flavour, all_reduce: kernel tilings"
-                             " `vectors:max_blocks` (common.Config) to sweep; the first is also"
-                             " used by auto.")
+                             " `vectors:max_blocks[:poll]` (common.Config) to sweep; the first"
+                             " is also used by auto.")
 
 CHAIN = 16
 MEASURES = ("loop_us", "loop_device_us", "clock_error", "single_us", "error",
@@ -112,8 +113,21 @@ def _auto_label(method, config) -> str:
 
 
 def _tiling(config) -> str:
-  """A tiling as a row label suffix: `[v8,b32]` (thresholds.derive reads the name before it)."""
-  return f"[v{config.vectors},b{config.max_blocks}]"
+  """A tiling as a row label suffix: `[v8,b32]`, `[v8,b32,serial]` for the serial flag poll
+  (thresholds.derive reads the name before it)."""
+  return f"[v{config.vectors},b{config.max_blocks}{_poll(config)}]"
+
+
+def _poll(config) -> str:
+  return "" if config.poll == "parallel" else f",{config.poll}"
+
+
+def _config(text: str, fused: bool = False):
+  """common.Config from `vectors:max_blocks[:poll]`, or `max_blocks[:poll]` if fused."""
+  from pallas_kernels import common
+  fields = text.split(":")
+  sizes = [int(f) for f in fields[:1 if fused else 2]]
+  return common.Config(*([2] if fused else []), *sizes, *fields[len(sizes):])
 
 
 def _shape(nbytes: int) -> tuple[int, int]:
@@ -162,10 +176,10 @@ def run_child(flavour: str, out_path: str):
   _apply_thresholds()
   mesh = make_mesh(n)
   spec = workspace.spec("tp")
-  configs = [common.Config(*map(int, c.split(":"))) for c in _CONFIGS.value]
+  configs = [_config(c) for c in _CONFIGS.value]
   impls = [i for i in impls_by_op[_OP.value]
            if flavour != "pallas" or not _IMPLS.value or i in _IMPLS.value]
-  fused_configs = [common.Config(max_blocks=int(b)) for b in _FUSED_BLOCKS.value]
+  fused_configs = [_config(b, fused=True) for b in _FUSED_BLOCKS.value]
   variants = [(impl, cfg) for impl in impls
               for cfg in (configs if impl in KERNELS and _OP.value == "all_reduce" else
                           fused_configs if impl in FUSED else configs[:1])]
@@ -175,11 +189,12 @@ def run_child(flavour: str, out_path: str):
       kernel_ok = tokens <= all_reduce.MAX_TOKENS and hidden <= all_reduce.MAX_HIDDEN
       if impl in KERNELS and not kernel_ok:
         continue
-      tag = (("" if cfg == fused_configs[0] else f"[b{cfg.max_blocks}]") if impl in FUSED else
-             "" if cfg == configs[0] else _tiling(cfg))
+      tag = (("" if cfg == fused_configs[0] else f"[b{cfg.max_blocks}{_poll(cfg)}]")
+             if impl in FUSED else "" if cfg == configs[0] else _tiling(cfg))
       case = {"op": _OP.value, "flavour": flavour,
               "impl": (impl if impl != "xla" else flavour) + tag, "tp": n, "bytes": nbytes,
               "vectors": cfg.vectors, "max_blocks": cfg.max_blocks,
+              "poll": cfg.poll if impl in (*KERNELS, *FUSED) else None,
               "tokens": tokens, "hidden": hidden,
               "method": (impl if impl != "auto" else
                          _auto_label(*all_reduce.select(nbytes, n)) if kernel_ok else "xla"),

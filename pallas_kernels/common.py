@@ -21,12 +21,22 @@ def largest_divisor(n: int, limit: int) -> int:
   return max(d for d in range(1, max(1, min(limit, n)) + 1) if n % d == 0)
 
 
+POLLS = ("parallel", "serial")  # how a block polls the flags it waits for (peer_sync)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Tiling: one chunk is THREADS x `vectors` 16-byte vectors; blocks split the chunks."""
+  """Tiling: one chunk is THREADS x `vectors` 16-byte vectors; blocks split the chunks.
+  `poll`: how the flag-protocol kernels wait for their flags (peer_sync.epoch_flag_exchange:
+  one thread per flag at once, or one thread in turn, the protocol before session 6)."""
 
   vectors: int = 2
   max_blocks: int = 16
+  poll: str = "parallel"
+
+  def __post_init__(self):
+    if self.poll not in POLLS:
+      raise ValueError(f"poll must be one of {POLLS}, found {self.poll!r}")
 
   def chunk(self, dtype) -> int:
     return THREADS * self.vectors * 16 // jnp.dtype(dtype).itemsize

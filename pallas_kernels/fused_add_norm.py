@@ -40,7 +40,7 @@ from pallas_kernels import common, one_shot_ll, peer_sync
 from pallas_kernels.workspace import MAX_BLOCKS, Workspace
 
 VECTOR = 8 * common.THREADS  # bf16 elements in one 16-byte vector per thread
-CONFIG = common.Config(max_blocks=MAX_BLOCKS)  # grid() reads max_blocks only
+CONFIG = common.Config(max_blocks=MAX_BLOCKS)  # grid() reads max_blocks; "flags" reads poll
 
 
 def padded_hidden(hidden: int) -> int:
@@ -115,9 +115,9 @@ def _norm_row(row, new_residual, tiles: int, first_tile, own: int, hidden: int, 
                              * w_ref[_col(t)].astype(jnp.float32)).astype(out_ref.dtype)
 
 
-def _body(n: int, axis: str, hidden: int, width: int, eps: float, tiling):
+def _body(n: int, axis: str, hidden: int, width: int, eps: float, tiling, parallel: bool):
   _, rows, col_blocks, own = tiling
-  exchange = peer_sync.epoch_flag_exchange(n, waits=col_blocks)
+  exchange = peer_sync.epoch_flag_exchange(n, waits=col_blocks, parallel=parallel)
   tiles = width // VECTOR
 
   def body(x_ref, res_ref, w_ref, epoch_ref, _slots_in, _flags_in,
@@ -200,7 +200,8 @@ def _kernel_call(partial, residual, weight, ws: Workspace, axis: str, eps: float
     weight = jnp.pad(weight, pad[1])
   tiling = grid(tokens, width, config)
   dt = partial.dtype
-  body = (_body(n, axis, hidden, width, eps, tiling) if protocol == "flags" else
+  body = (_body(n, axis, hidden, width, eps, tiling, config.poll == "parallel")
+          if protocol == "flags" else
           _body_ll(n, axis, hidden, width, eps, tiling, dt))
   kernel = peer_sync.aliased_kernel(
       body,

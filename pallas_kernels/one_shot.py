@@ -23,8 +23,8 @@ from pallas_kernels.workspace import Workspace
 reference = common.reference
 
 
-def _body(n: int, axis: str, chunk: int, steps: int):
-  exchange = peer_sync.epoch_flag_exchange(n)
+def _body(n: int, axis: str, chunk: int, steps: int, parallel: bool):
+  exchange = peer_sync.epoch_flag_exchange(n, parallel=parallel)
 
   def body(x_ref, epoch_ref, _slots_in, _flags_in, y_ref, slots_ref, flags_ref, epoch_out):
     me = lax.axis_index(axis)
@@ -59,5 +59,6 @@ def one_shot(x: jax.Array, ws: Workspace, axis: str, config: common.Config = com
   n = lax.axis_size(axis)
   chunk = config.chunk(x.dtype)
   return common.launch(x, ws, n, pad_to=chunk, chunks=lambda size: size // chunk,
-                       make_body=lambda steps, _: _body(n, axis, chunk, steps), config=config,
-                       name="one_shot_all_reduce")
+                       make_body=lambda steps, _: _body(n, axis, chunk, steps,
+                                                        config.poll == "parallel"),
+                       config=config, name="one_shot_all_reduce")

@@ -6,12 +6,14 @@
   releases, so they are used here and nowhere else.
 - `epoch_flag_exchange`: the barrier-free publish/acquire of epoch flags. After all
   threads of a warpgroup have stored their data into peers, one thread issues a
-  system-scope release fence and a strong store of the epoch into its flag on every peer;
-  it then spins on strong system-scope loads of its own flags until every peer's flag
-  reached the epoch, and issues an acquire fence. Flags only grow, so nothing is ever
-  reset and no memset or cross-GPU barrier kernel is needed (docs/allreduce.md). A flag
-  that never arrives traps after SPIN_LIMIT polls, so a protocol error fails the call
-  instead of hanging the GPU.
+  system-scope release fence and a strong store of the epoch into its flag on every peer.
+  The flags this block waits for are then polled with strong system-scope loads until
+  each reached the epoch, followed by an acquire fence and a warpgroup barrier: by one
+  thread per flag, all at once (`parallel`), or by one thread, flag after flag (each poll
+  is a round trip to memory, so a block waiting for many flags pays them in series).
+  Flags only grow, so nothing is ever reset and no memset or cross-GPU barrier kernel is
+  needed (docs/allreduce.md). A flag that never arrives traps after SPIN_LIMIT polls, so a
+  protocol error fails the call instead of hanging the GPU.
 
 No NVLink multicast is used anywhere: only plain peer stores and loads.
 """
@@ -65,7 +67,7 @@ def _element_ptr(ref, index: int):
   return llvm.inttoptr(base.type, addr)
 
 
-def epoch_flag_exchange(num_ranks: int, waits: int = 1, phase: int = 0):
+def epoch_flag_exchange(num_ranks: int, waits: int = 1, phase: int = 0, parallel: bool = True):
   """Returns f(epoch_ref (1,), *my_flags (n,) x waits, *flag_on_peer (1,) x n) for a kernel body.
 
   `epoch_ref` holds the previous call's epoch; call e = epoch + 1 publishes the flag value
@@ -76,7 +78,8 @@ def epoch_flag_exchange(num_ranks: int, waits: int = 1, phase: int = 0):
   for, `waits` rows); `flag_on_peer[k]` is this block's flag in peer k's memory (a
   `plgpu.remote_ref`). Every thread of the warpgroup must call it after issuing its peer
   stores; when it returns, every peer's stores of this epoch, from every block whose row
-  was waited on, are visible.
+  was waited on, are visible. `parallel`: the waits x n flags are polled by as many threads
+  at once (a warpgroup's 128 at a time), else by one thread in turn.
   """
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * (1 + waits + num_ranks))
@@ -93,16 +96,35 @@ def epoch_flag_exchange(num_ranks: int, waits: int = 1, phase: int = 0):
       for ref in flag_on_peer:
         _utils.inline_ptx("st.relaxed.sys.global.b32 [$0], $1;", _element_ptr(ref, 0), epoch,
                           has_side_effects=True)
-      for row in my_flags:
-        for p in range(num_ranks):  # acquire: wait until rank p published this epoch
-          spin_until(lambda: [_utils.inline_ptx(
-                         "ld.relaxed.sys.global.b32 $0, [$1];", _element_ptr(row, p),
-                         result_types=i32, has_side_effects=True)],
-                     lambda seen: arith.cmpi(arith.CmpIPredicate.uge, seen, epoch), [i32])
-      _utils.inline_ptx("fence.acq_rel.sys;", has_side_effects=True)
-    _utils.warpgroup_barrier()
+    # Acquire: wait until every awaited rank published this epoch, then fence.
+    flags = [_element_ptr(row, p) for row in my_flags for p in range(num_ranks)]
+    reached = lambda seen: arith.cmpi(arith.CmpIPredicate.uge, seen, epoch)
+    if parallel:
+      lane = arith.remui(_utils.thread_idx(), _utils.c(_utils.WARPGROUP_SIZE, i32))
+      for start in range(0, len(flags), _utils.WARPGROUP_SIZE):
+        group = flags[start:start + _utils.WARPGROUP_SIZE]
+        ptr = group[0]  # lane i polls group[i]; lanes beyond the group have none
+        for i, other in enumerate(group[1:], 1):
+          ptr = arith.select(arith.cmpi(arith.CmpIPredicate.eq, lane, _utils.c(i, i32)), other,
+                             ptr)
+        idle = arith.cmpi(arith.CmpIPredicate.uge, lane, _utils.c(len(group), i32))
+        spin_until(lambda: [_load_flag(ptr)], lambda seen: arith.ori(idle, reached(seen)), [i32])
+      polled = arith.cmpi(arith.CmpIPredicate.ult, lane, _utils.c(len(flags), i32))
+      _utils.inline_ptx("fence.acq_rel.sys;", predicate=polled, has_side_effects=True)
+    else:
+      with _utils.single_thread(_utils.ThreadSubset.WARPGROUP):
+        for ptr in flags:
+          spin_until(lambda: [_load_flag(ptr)], reached, [i32])
+        _utils.inline_ptx("fence.acq_rel.sys;", has_side_effects=True)
+    _utils.warpgroup_barrier()  # the fences above order every thread's reads that follow
 
   return exchange
+
+
+def _load_flag(ptr) -> ir.Value:
+  """A strong system-scope load of the int32 flag at `ptr` (Mosaic GPU code)."""
+  return _utils.inline_ptx("ld.relaxed.sys.global.b32 $0, [$1];", ptr,
+                           result_types=ir.IntegerType.get_signless(32), has_side_effects=True)
 
 
 def spin_until(load, ready, types: Sequence[ir.Type]) -> list[ir.Value]:

@@ -21,9 +21,9 @@ from pallas_kernels.workspace import Workspace
 reference = common.reference
 
 
-def _body(n: int, axis: str, chunk: int, steps: int, part: int):
-  scattered = peer_sync.epoch_flag_exchange(n, phase=1)
-  gathered = peer_sync.epoch_flag_exchange(n)
+def _body(n: int, axis: str, chunk: int, steps: int, part: int, parallel: bool):
+  scattered = peer_sync.epoch_flag_exchange(n, phase=1, parallel=parallel)
+  gathered = peer_sync.epoch_flag_exchange(n, parallel=parallel)
 
   def body(x_ref, epoch_ref, _slots_in, _flags_in, y_ref, slots_ref, flags_ref, epoch_out):
     me = lax.axis_index(axis)
@@ -69,5 +69,6 @@ def two_shot(x: jax.Array, ws: Workspace, axis: str, config: common.Config = com
   n = lax.axis_size(axis)
   chunk = config.chunk(x.dtype)
   return common.launch(x, ws, n, pad_to=chunk * n, chunks=lambda size: size // n // chunk,
-                       make_body=lambda steps, size: _body(n, axis, chunk, steps, size // n),
+                       make_body=lambda steps, size: _body(n, axis, chunk, steps, size // n,
+                                                           config.poll == "parallel"),
                        config=config, name="two_shot_all_reduce")

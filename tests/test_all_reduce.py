@@ -76,6 +76,23 @@ def test_kernels_lower_for_cuda_without_multicast(n, method, shape, dtype):
   assert lowering_checks.multicast_uses(text) == []
 
 
+@pytest.mark.parametrize("poll", common.POLLS)
+@pytest.mark.parametrize("method", ["one_shot", "two_shot"])
+def test_both_flag_polls_lower(method, poll):
+  """The flag-protocol kernels with either flag poll (peer_sync.epoch_flag_exchange)."""
+  n, shape = 4, (16, 4096)
+  mesh = _mesh(n)
+  spec = workspace.spec("tp")
+  f = jax.jit(jax.shard_map(
+      lambda x, ws: all_reduce.all_reduce(x, ws, "tp", method, common.Config(poll=poll)),
+      mesh=mesh, in_specs=(P("tp"), spec), out_specs=(P("tp"), spec), check_vma=False))
+  x = jax.ShapeDtypeStruct((n * shape[0], shape[1]), jnp.bfloat16)
+  text = lowering_checks.lower_for_cuda(f, x, _ws_avals(n, *shape, jnp.bfloat16))
+  assert len(lowering_checks.mosaic_calls(text)) == 1
+  with pytest.raises(ValueError, match="poll must be one of"):
+    common.Config(poll="fast")
+
+
 @pytest.mark.parametrize("rng", range(len(all_reduce.THRESHOLDS[2])))
 def test_auto_lowers_each_tp2_range_with_its_tiling(rng):
   """Each of auto's TP=2 ranges, at its largest message, lowers to the kernel and tiling it
@@ -198,7 +215,7 @@ def test_thresholds_derived_from_measured_rows():
           for b, vals in us.items() for impl, v in zip(impls, vals)]
   rows.append({"op": "all_reduce", "tp": 2, "impl": "psum_default", "bytes": 8 << 20,
                "loop_us": None})  # failed, and no kernel measured there: no range
-  c = common.Config()
+  c = common.Config(poll="serial")  # rows without a poll field ran the serial flag poll
   assert derive(rows, 2) == (("one_shot_ll", c, 8192), ("one_shot", c, 65536),
                              ("two_shot", c, 1 << 20))
   older = [r for r in rows if r["impl"] != "one_shot_ll"]  # records from before the LL kernel
@@ -208,15 +225,17 @@ def test_thresholds_derived_from_measured_rows():
             **wide} for b, v in ((1 << 20, 18.0), (2 << 20, 19.0), (4 << 20, 30.0))]
   assert derive(rows + tiled, 2) == (("one_shot_ll", c, 8192), ("one_shot", c, 65536),
                                      ("two_shot", c, 262144),
-                                     ("two_shot", common.Config(8, 32), 4 << 20))
-  assert derive(rows + tiled[:1], 2)[-1] == ("two_shot", common.Config(8, 32), 1 << 20)
+                                     ("two_shot", common.Config(8, 32, "serial"), 4 << 20))
+  assert derive(rows + tiled[:1], 2)[-1] == ("two_shot", common.Config(8, 32, "serial"), 1 << 20)
   # within 5% of the fastest, the previous size's winner keeps its range (no noise ranges)
   close = [{**tiled[0], "loop_us": 18.5}]
   assert derive(rows + close, 2)[-1] == ("two_shot", c, 1 << 20)
   # where psum failed (not in a WHILE graph at >= 8 MB), the fastest kernel takes the size
   big = {"op": "all_reduce", "tp": 2, "impl": "one_shot[v8,b32]", "bytes": 8 << 20,
          "loop_us": 50.0, **wide}
-  assert derive(rows + tiled + [big], 2)[-1] == ("one_shot", common.Config(8, 32), 8 << 20)
+  assert derive(rows + tiled + [big], 2)[-1] == ("one_shot", common.Config(8, 32, "serial"), 8 << 20)
+  parallel = [{**r, "poll": "parallel"} if r["impl"] != "psum_default" else r for r in rows]
+  assert derive(parallel, 2)[0] == ("one_shot_ll", common.Config(), 8192)
   with pytest.raises(ValueError, match="no size with psum_default tried and a kernel measured"):
     derive(rows, 4)
 

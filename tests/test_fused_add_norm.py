@@ -72,16 +72,18 @@ def test_lowers_for_cuda_without_multicast(n, shape, dt, protocol):
   assert lowering_checks.multicast_uses(text) == []
 
 
-@pytest.mark.parametrize("protocol", sorted(fused_add_norm.PROTOCOLS))
-@pytest.mark.parametrize("blocks", [1, 4])
+@pytest.mark.parametrize("protocol,poll", [("flags", "parallel"), ("flags", "serial"),
+                                           ("ll", "parallel")])
+@pytest.mark.parametrize("blocks", [1, 4, 32])
 @pytest.mark.parametrize("shape", [(1, 4096), (16, 8192)])
-def test_smaller_grid_caps_lower(shape, blocks, protocol):
-  """The grid caps bench_allreduce --fused_blocks sweeps (one block: no redundant row reads)."""
+def test_smaller_grid_caps_lower(shape, blocks, protocol, poll):
+  """The grid caps bench_allreduce --fused_blocks sweeps (one block: no redundant row reads),
+  with either flag poll."""
   mesh = _mesh(2)
   x = jax.ShapeDtypeStruct((2 * shape[0], shape[1]), jnp.bfloat16)
   w = jax.ShapeDtypeStruct((shape[1],), jnp.bfloat16)
   ws = _ws(mesh, 2, *shape, jnp.bfloat16, abstract=True, protocol=protocol)
-  config = common.Config(max_blocks=blocks)
+  config = common.Config(max_blocks=blocks, poll=poll)
   text = lowering_checks.lower_for_cuda(_fn(mesh, protocol=protocol, config=config), x, x, w, ws)
   assert len(lowering_checks.mosaic_calls(text)) == 1
   groups, _, col_blocks, _ = fused_add_norm.grid(shape[0], shape[1], config)

@@ -42,6 +42,12 @@ for step in "$@"; do
     auto4)          bench 560 bench_allreduce --tp 4 --impls auto --nocupti --max_bytes 8388608 \
                       --flavours psum_default,psum_nccl,pallas --time_limit_s 530 \
                       ${THRESHOLDS_FROM:+--thresholds_from $THRESHOLDS_FROM} ;;  # else as committed
+    poll_ab)        bench 270 bench_allreduce --tp "${TP:-2}" --flavours psum_default,pallas \
+                      --impls one_shot,two_shot --configs 2:16,2:16:serial --min_bytes 8192 \
+                      --max_bytes 1048576 --nocupti --runs 5 --time_limit_s 250
+                    bench 290 bench_allreduce --tp "${TP:-2}" --op add_norm --tokens 1,4,16 \
+                      --hidden 4096,8192 --flavours psum_default,pallas --impls one_shot,fused \
+                      --fused_blocks 32,32:serial --nocupti --time_limit_s 270 ;;  # flag polls
     auto)           bench 200 bench_allreduce --tp "${TP:-2}" --impls auto --nocupti \
                       --flavours psum_default,psum_nccl,pallas ;;  # THRESHOLDS as committed
     allreduce_dump) bench 150 bench_allreduce --tp 2 --min_bytes 8192 --max_bytes 8192 --nocupti \
@@ -53,7 +59,7 @@ for step in "$@"; do
     add_norm_large) TOKENS=64,128 bash "$0" add_norm ;;  # the rest of the token counts
     add_norm)       bench 560 bench_allreduce --tp "${TP:-2}" --op add_norm \
                       --tokens "${TOKENS:-1,4,16}" --hidden "${HIDDEN:-4096,5120,8192}" \
-                      --fused_blocks "${FUSED_BLOCKS:-32,1}" ${CUPTI_FLAG:---cupti} \
+                      --fused_blocks "${FUSED_BLOCKS:-32,32:serial}" ${CUPTI_FLAG:---nocupti} \
                       --time_limit_s 540 ${FLAVOURS:+--flavours $FLAVOURS} ;;  # FLAVOURS=pallas: kernels alone
     diag)           for c in ${DIAG:-nocupti cupti}; do  # the abort at 256 KB (docs/allreduce.md), with copy counts
                       bench 150 bench_allreduce --tp 2 --flavours pallas --impls one_shot --$c \
