@@ -39,15 +39,19 @@ def _build(n, tokens, hidden, protocol, config=fused_add_norm.CONFIG):
 CASES = ([("flags", t, h) for t in (1, 4, 16, 64, 128) for h in (2048, 4096, 5120, 8192)]
          + [("ll", t, h) for t, h in ((1, 4096), (4, 5120), (16, 8192), (64, 4096), (128, 2048))])
 # Smaller grid caps (bench_allreduce --fused_blocks): one block per row group or fewer.
-CAPPED = [(proto, t, h, b) for proto in ("flags", "ll") for t, h in ((1, 4096), (16, 5120))
-          for b in (1, 4)]
+CAPPED = [(proto, t, h, b, "parallel") for proto in ("flags", "ll")
+          for t, h in ((1, 4096), (16, 5120)) for b in (1, 4)]
+# The serial flag poll (common.Config.poll), where blocks wait for the most flags.
+SERIAL = [("flags", t, h, fused_add_norm.CONFIG.max_blocks, "serial")
+          for t, h in ((1, 8192), (16, 4096))]
 
 
-@pytest.mark.parametrize("protocol,tokens,hidden,blocks",
-                         [(*c, fused_add_norm.CONFIG.max_blocks) for c in CASES] + CAPPED)
-def test_matches_unfused_sequence(protocol, tokens, hidden, blocks):
+@pytest.mark.parametrize("protocol,tokens,hidden,blocks,poll",
+                         [(*c, fused_add_norm.CONFIG.max_blocks, "parallel") for c in CASES]
+                         + CAPPED + SERIAL)
+def test_matches_unfused_sequence(protocol, tokens, hidden, blocks, poll):
   for n in gpu_ranks():
-    f, ws = _build(n, tokens, hidden, protocol, common.Config(max_blocks=blocks))
+    f, ws = _build(n, tokens, hidden, protocol, common.Config(max_blocks=blocks, poll=poll))
     key = jax.random.key(tokens * hidden)
     for i in range(3):
       k1, k2, k3 = jax.random.split(jax.random.fold_in(key, i), 3)
