@@ -163,23 +163,24 @@ def run_children(module: str, names: list[str], restarts: int = 8,
   for name in names:
     out = tempfile.mktemp(suffix=".json")
     cmd = [sys.executable, "-m", module, *sys.argv[1:], f"--child={name}", f"--child_out={out}"]
+    cut = False
     for _ in range(restarts + 1):
       try:
         proc = subprocess.run(cmd, env={**os.environ, "NCCL_NVLS_ENABLE": "0"}, timeout=None
                               if deadline is None else max(deadline - time.monotonic(), 0.0))
       except subprocess.TimeoutExpired:
         print(f"child {name} stopped at the time limit; keeping its rows so far", flush=True)
-        if os.path.exists(out):
-          with open(out) as f:
-            rows += json.load(f)
-        return rows
+        cut = True
+        break
       if not proc.returncode or not os.path.exists(out + ".pending"):
         break  # finished, or died outside a case (no progress to resume from)
       print(f"child {name} died (rc={proc.returncode}) during a case; restarting after it",
             flush=True)
-    if proc.returncode:
+    if not cut and proc.returncode:
       print(f"child {name} failed (rc={proc.returncode}); keeping its rows so far", flush=True)
     if os.path.exists(out):
       with open(out) as f:
         rows += json.load(f)
+    if cut:
+      break
   return rows

@@ -145,11 +145,19 @@ def test_compiled_decode_loop_kernels_map_to_model_scopes():
   assert found == set(profiling.CATEGORIES), found
 
 
+def _child_module(tmp_path, monkeypatch, name, source):
+  """A benchmark child module `name` for xla_env.run_children, importable by its processes."""
+  (tmp_path / f"{name}.py").write_text(source)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
+  monkeypatch.setattr(sys, "argv", ["prog"])
+
+
 def test_a_child_that_dies_during_a_case_is_restarted_after_it(tmp_path, monkeypatch):
   """xla_env.run_children + ChildLog: the case that killed the child becomes an error row and
   the restarted child measures the rest."""
   from experiments import xla_env
-  (tmp_path / "child_mod.py").write_text(
+  _child_module(tmp_path, monkeypatch, "child_mod",
       "import os, sys\n"
       "from experiments.xla_env import ChildLog\n"
       "log = ChildLog(sys.argv[-1].split('=', 1)[1])\n"
@@ -160,9 +168,6 @@ def test_a_child_that_dies_during_a_case_is_restarted_after_it(tmp_path, monkeyp
       "  if case == 1:\n"
       "    os.abort()\n"
       "  log.add({'case': case, 'value': case * 10, 'error': None})\n")
-  monkeypatch.syspath_prepend(str(tmp_path))
-  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
-  monkeypatch.setattr(sys, "argv", ["prog"])
   rows = xla_env.run_children("child_mod", ["only"])
   assert [r["case"] for r in rows] == [0, 1, 2, 3]
   assert rows[1]["value"] is None and "died" in rows[1]["error"]
@@ -174,7 +179,7 @@ def test_a_child_past_the_deadline_keeps_its_rows_and_no_other_starts(tmp_path, 
   rows it wrote are returned and the next child never runs."""
   import time
   from experiments import xla_env
-  (tmp_path / "slow_mod.py").write_text(
+  _child_module(tmp_path, monkeypatch, "slow_mod",
       "import sys, time\n"
       "from experiments.xla_env import ChildLog\n"
       "log = ChildLog(sys.argv[-1].split('=', 1)[1])\n"
@@ -182,9 +187,6 @@ def test_a_child_past_the_deadline_keeps_its_rows_and_no_other_starts(tmp_path, 
       "for case in range(100):\n"
       "  log.add({'name': name, 'case': case})\n"
       "  time.sleep(0.5 if case else 0)\n")
-  monkeypatch.syspath_prepend(str(tmp_path))
-  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
-  monkeypatch.setattr(sys, "argv", ["prog"])
   rows = xla_env.run_children("slow_mod", ["first", "second"], deadline=time.monotonic() + 8)
   assert rows and {r["name"] for r in rows} == {"first"}
   assert [r["case"] for r in rows] == list(range(len(rows))) and len(rows) < 100
