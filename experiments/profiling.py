@@ -18,6 +18,8 @@ from jax import profiler
 CATEGORIES = ("all_reduce", "matmul", "attention", "other")
 _COMM = re.compile(r"nccl|all_?reduce|allreduce|psum|one_shot|two_shot|reduce_add_norm|"
                    r"MultiGpuBarrier|collective|cross_device", re.I)
+_COMPUTE_LINE = re.compile(r"stream\b.*\bcompute\b", re.I)
+_NOT_KERNEL = re.compile(r"memcpy|memset", re.I)
 _GEMM = re.compile(r"gemm|gemv|cublas|cutlass|xmma|nvjet|sm90_|matmul|triton_gemm", re.I)
 
 
@@ -48,9 +50,13 @@ def device_kernels(trace_dir: str, lines_seen: dict[str, int] | None = None) -> 
       if lines_seen is not None:
         key = f"{plane.name} | {line.name}"
         lines_seen[key] = lines_seen.get(key, 0) + sum(1 for _ in line.events)
-      if "memcpy" in line.name.lower() or not line.name.lower().startswith("stream"):
+      # A stream line lists the kinds of work it carried: "Stream #50(Memset,MemcpyD2D,Compute)"
+      # is the main compute stream, which also carries copies.
+      if not _COMPUTE_LINE.match(line.name):
         continue
       for ev in line.events:
+        if _NOT_KERNEL.match(ev.name):
+          continue
         # The op's JAX name scope sits in one of the string stats (tf_op / long_name / ...).
         scope = " ".join(str(v) for _, v in ev.stats if isinstance(v, str))
         out.append(Kernel(plane.name, ev.name, ev.start_ns, ev.duration_ns, scope))

@@ -240,3 +240,13 @@ def test_device_clock_stamps_lower_for_cuda_and_are_zero_off_gpu():
   assert len(lowering_checks.mosaic_calls(text)) == 2 and "globaltimer" in text
   t = np.array([[[5, 1], [7, 1]]], np.int32)  # (low, high) words: 2^32 + 5 -> 2^32 + 7 ns
   np.testing.assert_allclose(device_clock.elapsed_s(t[:, 0], t[:, 1]), [2e-9])
+
+
+def test_trace_lines_kept_are_the_compute_streams():
+  """The main stream's line also lists copies ("Memset,MemcpyD2D,Compute"); it must be kept."""
+  from experiments import profiling
+
+  assert profiling._COMPUTE_LINE.match("Stream #50(Memset,MemcpyD2D,Compute)")
+  assert profiling._COMPUTE_LINE.match("Stream #187(Compute)")
+  assert not profiling._COMPUTE_LINE.match("Stream #12(MemcpyH2D)")
+  assert not profiling._COMPUTE_LINE.match("XLA Ops")
