@@ -70,7 +70,7 @@ _CONFIGS = flags.DEFINE_list("configs", ["2:16"], "pallas flavour, all_reduce: k
 
 CHAIN = 16
 MEASURES = ("loop_us", "loop_device_us", "clock_error", "single_us", "error",
-            "workspace_copies", "kernel_us", "other_kernel_us")
+            "workspace_copies", "kernel_us", "other_kernel_us", "max_rel_err", "ranks_equal")
 FUSED = {"fused": "flags", "fused_ll": "ll"}  # add_norm impl -> fused_add_norm protocol
 KERNELS = ("one_shot", "one_shot_ll", "two_shot")  # the pallas methods that take a tiling
 FLAVOURS = {  # child -> (XLA collectives mode, command buffers, implementations per op)
@@ -155,6 +155,17 @@ def _cases(n):
   if _OP.value == "add_norm":
     return [(int(t), int(h), int(t) * int(h) * 2) for h in _HIDDEN.value for t in _TOKENS.value]
   return [(*_shape(b), b) for b in _sizes()]
+
+
+def _check(y, x, n: int) -> dict:
+  """An all-reduce op's output (rescaled by 1/n) against the f32 sum of its input: the
+  largest error relative to the sum's magnitude, and whether every rank holds the same."""
+  import numpy as np
+
+  got = np.asarray(y, np.float32).reshape(n, -1) * n
+  want = np.asarray(x, np.float32).reshape(n, -1).sum(0)
+  return {"max_rel_err": float(np.abs(got - want).max() / np.abs(want).max()),
+          "ranks_equal": bool((got == got[:1]).all())}
 
 
 def run_child(flavour: str, out_path: str):
@@ -285,6 +296,7 @@ def run_child(flavour: str, out_path: str):
         loop = build(lambda c, w: chain(c, w, stamped=False))
         loop_s, loop_err = measure(loop, _RUNS.value)
       one_s, one_err = measure(single, _RUNS.value * 3)
+      check = _check(call(single)[0], carry, n) if _OP.value == "all_reduce" and not one_err else {}
       kernel_ms = (cupti.kernel_ms(lambda: call(loop)) if loop_s and _CUPTI.value
                    else None)  # summed over the GPUs and the loop's ops
       per_op = lambda seconds: seconds / (_ITERS.value * CHAIN) * 1e6
@@ -292,7 +304,7 @@ def run_child(flavour: str, out_path: str):
                "loop_device_us": per_op(float(np.median(device))) if device else None,
                "clock_error": clock_err,
                "single_us": one_s and one_s * 1e6, "error": loop_err or one_err,
-               "workspace_copies": copies,
+               "workspace_copies": copies, **check,
                **{name: (per_op(kernel_ms.get(k, 0.0) * 1e-3 / n) if kernel_ms else None)
                   for name, k in (("kernel_us", "all_reduce"), ("other_kernel_us", "other"))}})
       print(json.dumps(log.rows[-1]), flush=True)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MAX_BLOCKS = 32  # flag rows per rank: the largest grid any kernel config may use
+MAX_BLOCKS = 128  # flag rows per rank: the largest grid any kernel config may use (one per SM)
 
 
 class Workspace(NamedTuple):

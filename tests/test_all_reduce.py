@@ -93,6 +93,20 @@ def test_both_flag_polls_lower(method, poll):
     common.Config(poll="fast")
 
 
+@pytest.mark.parametrize("method", ["one_shot", "two_shot"])
+def test_a_grid_of_one_block_per_sm_lowers(method):
+  """Large messages want a block per SM (workspace.MAX_BLOCKS flag rows); 8 MB over 4 ranks."""
+  n, shape, config = 4, (256, 16384), common.Config(vectors=8, max_blocks=workspace.MAX_BLOCKS)
+  assert config.grid(shape[0] * shape[1] // n // config.chunk(jnp.bfloat16))[0] == 128
+  f = jax.jit(jax.shard_map(
+      lambda x, ws: all_reduce.all_reduce(x, ws, "tp", method, config),
+      mesh=_mesh(n), in_specs=(P("tp"), workspace.spec("tp")),
+      out_specs=(P("tp"), workspace.spec("tp")), check_vma=False))
+  x = jax.ShapeDtypeStruct((n * shape[0], shape[1]), jnp.bfloat16)
+  text = lowering_checks.lower_for_cuda(f, x, _ws_avals(n, *shape, jnp.bfloat16))
+  assert len(lowering_checks.mosaic_calls(text)) == 1
+
+
 @pytest.mark.parametrize("rng", range(len(all_reduce.THRESHOLDS[2])))
 def test_auto_lowers_each_tp2_range_with_its_tiling(rng):
   """Each of auto's TP=2 ranges, at its largest message, lowers to the kernel and tiling it

@@ -35,6 +35,7 @@ def test_bench_allreduce(tmp_path):
   impls = ("one_shot", "one_shot_ll", "two_shot", "auto", "psum_default")
   assert got == sorted((i, b) for i in impls for b in (8192, 16384))
   assert all(r["loop_us"] > 0 and r["error"] is None for r in rows)
+  assert all(r["max_rel_err"] < 1e-2 and r["ranks_equal"] for r in rows), "checked, not zeros"
 
 
 def test_bench_allreduce_add_norm(tmp_path):
