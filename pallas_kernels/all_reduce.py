@@ -32,16 +32,17 @@ METHODS = ("auto", "one_shot", "one_shot_ll", "two_shot", "xla")
 MAX_TOKENS = 256
 MAX_HIDDEN = 16384
 
-_SERIAL = "serial"  # the flag poll of the records below (before session 6): auto runs what was measured
+_SERIAL = "serial"  # the flag poll of the records before session 7: auto runs what was measured
 # `auto`'s choice by TP degree: (method, tiling, largest message in bytes per rank) ranges
 # in ascending order; a message takes the first range that holds it, beyond the last psum
 # (ranges may name "xla" in between). TP=2: experiments/thresholds.derive over the 2xH200
 # sweep experiments/results/allreduce/20261122T060607632282Z.json and the tiling sweep
 # .../allreduce/20261122T063028449773Z.json (docs/allreduce.md has the table; at 8 MB XLA's
 # psum cannot run inside a WHILE graph, so the kernel takes it). TP=4: derive over the 4xH200
-# sweep .../allreduce/20261122T094025976278Z.json, whose kernel rows stop at 128 KB (the run
-# was cut there: psum beyond until a sweep of larger sizes). TP=8 (not measured: no such
-# machine lent yet) follows XLA's built-in NVLink kernel limits.
+# sweeps .../allreduce/20261122T094025976278Z.json (4-128 KB, serial flag poll),
+# .../20261122T104801796663Z.json (256 KB-8 MB) and .../20261122T112208392518Z.json (1-4 MB,
+# grids up to a block per SM); 8 MB as at TP=2. TP=8 (not measured: no such machine lent
+# yet) follows XLA's built-in NVLink kernel limits.
 THRESHOLDS: dict[int, tuple[tuple[str, common.Config | None, int], ...]] = {
     2: (("one_shot_ll", common.Config(2, 16, _SERIAL), 64 << 10),
         ("one_shot_ll", common.Config(4, 32, _SERIAL), 128 << 10),
@@ -52,7 +53,12 @@ THRESHOLDS: dict[int, tuple[tuple[str, common.Config | None, int], ...]] = {
         ("xla", None, 4 << 20),
         ("one_shot", common.Config(8, 32, _SERIAL), 8 << 20)),
     4: (("one_shot_ll", common.Config(2, 16, _SERIAL), 64 << 10),
-        ("one_shot", common.Config(2, 16, _SERIAL), 128 << 10)),
+        ("one_shot", common.Config(2, 16, _SERIAL), 128 << 10),
+        ("one_shot", common.Config(4, 32), 256 << 10),
+        ("one_shot", common.Config(8, 32), 512 << 10),
+        ("one_shot", common.Config(4, 128), 2 << 20),
+        ("xla", None, 4 << 20),
+        ("two_shot", common.Config(4, 32), 8 << 20)),
     8: (("one_shot", common.Config(), 128 << 10), ("two_shot", common.Config(), 2 << 20)),
 }
 

@@ -107,16 +107,16 @@ def test_a_grid_of_one_block_per_sm_lowers(method):
   assert len(lowering_checks.mosaic_calls(text)) == 1
 
 
-@pytest.mark.parametrize("rng", range(len(all_reduce.THRESHOLDS[2])))
-def test_auto_lowers_each_tp2_range_with_its_tiling(rng):
-  """Each of auto's TP=2 ranges, at its largest message, lowers to the kernel and tiling it
-  names (one Mosaic call, aliased, no multimem), or to psum where it names xla."""
-  method, config, largest = all_reduce.THRESHOLDS[2][rng]
+@pytest.mark.parametrize("n, rng", [(n, i) for n in (2, 4)
+                                    for i in range(len(all_reduce.THRESHOLDS[n]))])
+def test_auto_lowers_each_range_with_its_tiling(n, rng):
+  """Each of auto's measured ranges, at its largest message, lowers to the kernel and tiling
+  it names (one Mosaic call, no multimem), or to psum where it names xla."""
+  method, config, largest = all_reduce.THRESHOLDS[n][rng]
   hidden = 4096 if largest <= 2 << 20 else 16384
   shape = (largest // 2 // hidden, hidden) if largest >= 2 * hidden else (1, largest // 2)
-  mesh = _mesh(2)
-  x = jax.ShapeDtypeStruct((2 * shape[0], shape[1]), jnp.bfloat16)
-  text = lowering_checks.lower_for_cuda(_fn(mesh, "auto"), x, _ws_avals(2, *shape, jnp.bfloat16))
+  x = jax.ShapeDtypeStruct((n * shape[0], shape[1]), jnp.bfloat16)
+  text = lowering_checks.lower_for_cuda(_fn(_mesh(n), "auto"), x, _ws_avals(n, *shape, jnp.bfloat16))
   calls = lowering_checks.mosaic_calls(text)
   assert len(calls) == (0 if method == "xla" else 1)
   assert lowering_checks.multicast_uses(text) == []
@@ -269,7 +269,7 @@ def test_workspace_copies_found_in_optimized_hlo():
 
 
 @pytest.mark.parametrize("n, names", [
-    (2, ("20261122T060607632282Z", "20261122T063028449773Z")), (4, ("20261122T094025976278Z",))])
+    (2, ("20261122T060607632282Z", "20261122T063028449773Z")), (4, ("20261122T094025976278Z", "20261122T104801796663Z", "20261122T112208392518Z"))])
 def test_auto_ranges_are_derived_from_the_records_they_cite(n, names):
   """THRESHOLDS[n] is what experiments/thresholds.derive gives on the records its comment names."""
   import json
