@@ -132,8 +132,8 @@ def main(argv):
           tpot_us = next(r for r in mine if r["loop"] == "jit")["tpot_ms_median"] * 1e3
           for row in mine:
             row.update(split)
-            # How much of the step the trace saw: on 2xH200 it held only XLA's collective
-            # kernels (docs/decode_baseline.md), so the share below prefers CUPTI's count.
+            # How much of the step the trace's kernels add up to (collectives waiting for
+            # peers and overlapping compute can take it past 1).
             row["trace_coverage_of_tpot"] = split.get("gpu_total_us", 0.0) / tpot_us
           extra["profiles"][f"tp{tp}_b{batch}_{backend}_{matmul}"] = seen
           log(f"profile per step (µs): { {k: round(v, 1) for k, v in split.items()} }")
@@ -150,6 +150,10 @@ def main(argv):
             us = row.get("cupti_all_reduce_us", row.get("gpu_all_reduce_us"))
             if us and tp > 1:
               row["all_reduce_share_of_tpot"] = us / (row["tpot_ms_median"] * 1e3)
+            outside = profiling.outside_compute_share(row)
+            if outside is not None:
+              row["outside_compute_share"] = outside
+              log(f"tp={tp} {backend}: {outside:.1%} of the step outside compute kernels")
         save()
     del state, graphdef
   path = save()

@@ -113,6 +113,19 @@ def breakdown(kernels: list[Kernel], steps: int) -> dict[str, float]:
   return out
 
 
+def outside_compute_share(row: dict) -> float | None:
+  """1 - (matmul + attention + other kernel µs per step) / TPOT: the part of a decode step
+  the GPU spends outside compute kernels, i.e. in communication (its kernels, their waits for
+  peers) and idle gaps. Unlike the collectives' own kernel time, it does not count a wait that
+  overlaps compute or that the profiler lengthens. CUPTI's count, else the trace's; None when
+  neither saw the compute kernels (traces before the main stream was kept)."""
+  for prefix in ("cupti_", "gpu_"):
+    compute = [row.get(f"{prefix}{c}_us") for c in CATEGORIES if c != "all_reduce"]
+    if row.get(f"{prefix}matmul_us"):
+      return max(0.0, 1 - sum(c or 0.0 for c in compute) / (row["tpot_ms_median"] * 1e3))
+  return None
+
+
 def top_kernels(kernels: list[Kernel], n: int = 15) -> list[tuple[str, str, float, int]]:
   """(category, name, total µs, count) of the n most expensive kernel names on one device."""
   if not kernels:
