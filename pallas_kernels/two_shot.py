@@ -33,12 +33,15 @@ def _body(n: int, axis: str, chunk: int, steps: int, part: int, parallel: bool):
     mine = [plgpu.remote_ref(flags_ref.at[b, s, pl.ds(me, 1)], lax.rem(me + k, n))
             for k in range(n)]
 
+    # Loads are issued before any store of the step so that their latencies overlap (a store
+    # the compiler cannot prove apart from the next load would otherwise order them).
     @pl.loop(0, steps)
     def _scatter(i):  # part q of my message -> row `me` of rank q's slots
-      for k in range(n):
-        q = lax.rem(me + k, n)
-        sl = pl.ds(q * part + base + i * chunk, chunk)
-        plgpu.remote_ref(slots_ref.at[s, me, sl], q)[...] = x_ref[sl]
+      peers = [lax.rem(me + k, n) for k in range(n)]
+      sls = [pl.ds(q * part + base + i * chunk, chunk) for q in peers]
+      vals = [x_ref[sl] for sl in sls]
+      for q, sl, v in zip(peers, sls, vals):
+        plgpu.remote_ref(slots_ref.at[s, me, sl], q)[...] = v
 
     scattered(epoch_ref, flags_ref.at[b, s], *mine)
 
@@ -57,9 +60,10 @@ def _body(n: int, axis: str, chunk: int, steps: int, part: int, parallel: bool):
 
     @pl.loop(0, steps)
     def _collect(i):
-      for k in range(1, n):
-        sl = pl.ds(lax.rem(me + k, n) * part + base + i * chunk, chunk)
-        y_ref[sl] = slots_ref[s, 0, sl]
+      sls = [pl.ds(lax.rem(me + k, n) * part + base + i * chunk, chunk) for k in range(1, n)]
+      vals = [slots_ref[s, 0, sl] for sl in sls]
+      for sl, v in zip(sls, vals):
+        y_ref[sl] = v
 
   return body
 
