@@ -104,7 +104,8 @@ def _apply_thresholds():
 
 def _range_json(method, config, largest):
   return {"method": method, "largest_bytes": largest,
-          **({"vectors": config.vectors, "max_blocks": config.max_blocks} if config else {})}
+          **({"vectors": config.vectors, "max_blocks": config.max_blocks, "poll": config.poll,
+              "transport": config.transport} if config else {})}
 
 
 def _auto_label(method, config) -> str:
@@ -113,21 +114,25 @@ def _auto_label(method, config) -> str:
 
 
 def _tiling(config) -> str:
-  """A tiling as a row label suffix: `[v8,b32]`, `[v8,b32,serial]` for the serial flag poll
-  (thresholds.derive reads the name before it)."""
+  """A tiling as a row label suffix: `[v8,b32]`, `[v8,b32,serial,tma]` for the serial flag
+  poll and bulk copies (thresholds.derive reads the name before it)."""
   return f"[v{config.vectors},b{config.max_blocks}{_poll(config)}]"
 
 
 def _poll(config) -> str:
-  return "" if config.poll == "parallel" else f",{config.poll}"
+  """Label suffix of the non-default flag poll and transport."""
+  return (("" if config.poll == "parallel" else f",{config.poll}")
+          + ("" if config.transport == "registers" else f",{config.transport}"))
 
 
 def _config(text: str, fused: bool = False):
-  """common.Config from `vectors:max_blocks[:poll]`, or `max_blocks[:poll]` if fused."""
+  """common.Config from `vectors:max_blocks[:poll][:transport]` (`max_blocks[:poll]` if
+  fused); poll and transport are named by value, e.g. `8:32:tma` or `2:16:serial`."""
   from pallas_kernels import common
   fields = text.split(":")
   sizes = [int(f) for f in fields[:1 if fused else 2]]
-  return common.Config(*([2] if fused else []), *sizes, *fields[len(sizes):])
+  named = {("poll" if f in common.POLLS else "transport"): f for f in fields[len(sizes):]}
+  return common.Config(*([2] if fused else []), *sizes, **named)
 
 
 def _shape(nbytes: int) -> tuple[int, int]:
@@ -193,7 +198,8 @@ def run_child(flavour: str, out_path: str):
   fused_configs = [_config(b, fused=True) for b in _FUSED_BLOCKS.value]
   variants = [(impl, cfg) for impl in impls
               for cfg in (configs if impl in KERNELS and _OP.value == "all_reduce" else
-                          fused_configs if impl in FUSED else configs[:1])]
+                          fused_configs if impl in FUSED else configs[:1])
+              if impl == "one_shot" or cfg.transport == "registers"]  # bulk copies: one_shot's
   log = xla_env.ChildLog(out_path)
   for tokens, hidden, nbytes in _cases(n):
     for impl, cfg in variants:
@@ -206,6 +212,7 @@ def run_child(flavour: str, out_path: str):
               "impl": (impl if impl != "xla" else flavour) + tag, "tp": n, "bytes": nbytes,
               "vectors": cfg.vectors, "max_blocks": cfg.max_blocks,
               "poll": cfg.poll if impl in (*KERNELS, *FUSED) else None,
+              "transport": cfg.transport if impl in KERNELS else None,
               "tokens": tokens, "hidden": hidden,
               "method": (impl if impl != "auto" else
                          _auto_label(*all_reduce.select(nbytes, n)) if kernel_ok else "xla"),

@@ -29,8 +29,8 @@ def derive(rows: list[dict], tp: int, keep_within: float = 0.05
       psum_tried.add(r["bytes"])
     if r["loop_us"]:
       # Rows from before the `poll` field ran the serial flag poll: auto uses what was measured.
-      cfg = (Config(r.get("vectors", 2), r.get("max_blocks", 16), r.get("poll") or "serial")
-             if method in KERNELS else None)
+      cfg = (Config(r.get("vectors", 2), r.get("max_blocks", 16), r.get("poll") or "serial",
+                    r.get("transport") or "registers") if method in KERNELS else None)
       samples[r["bytes"]][("xla" if method == FALLBACK else method, cfg)].append(r["loop_us"])
   sizes = sorted(b for b, v in samples.items()
                  if b in psum_tried and any(m != "xla" for m, _ in v))

@@ -22,21 +22,27 @@ def largest_divisor(n: int, limit: int) -> int:
 
 
 POLLS = ("parallel", "serial")  # how a block polls the flags it waits for (peer_sync)
+TRANSPORTS = ("registers", "tma")  # how one_shot moves data to peers
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Tiling: one chunk is THREADS x `vectors` 16-byte vectors; blocks split the chunks.
   `poll`: how the flag-protocol kernels wait for their flags (peer_sync.epoch_flag_exchange:
-  one thread per flag at once, or one thread in turn, the protocol before session 6)."""
+  one thread per flag at once, or one thread in turn, the protocol before session 6).
+  `transport` (one_shot): thread stores from registers, or bulk copies (TMA) through shared
+  memory, one per chunk and peer."""
 
   vectors: int = 2
   max_blocks: int = 16
   poll: str = "parallel"
+  transport: str = "registers"
 
   def __post_init__(self):
     if self.poll not in POLLS:
       raise ValueError(f"poll must be one of {POLLS}, found {self.poll!r}")
+    if self.transport not in TRANSPORTS:
+      raise ValueError(f"transport must be one of {TRANSPORTS}, found {self.transport!r}")
 
   def chunk(self, dtype) -> int:
     return THREADS * self.vectors * 16 // jnp.dtype(dtype).itemsize

@@ -23,21 +23,60 @@ from pallas_kernels.workspace import Workspace
 reference = common.reference
 
 
-def _body(n: int, axis: str, chunk: int, steps: int, parallel: bool):
-  exchange = peer_sync.epoch_flag_exchange(n, parallel=parallel)
+def _push_registers(x_ref, slots_ref, s, me, n, base, chunk, steps):
+  """Each thread loads its vectors of a chunk and stores them into every rank's slot."""
+  @pl.loop(0, steps)
+  def _push(i):
+    sl = pl.ds(base + i * chunk, chunk)
+    v = x_ref[sl]
+    for k in range(n):  # k = 0 is this rank's own slot
+      plgpu.remote_ref(slots_ref.at[s, me, sl], lax.rem(me + k, n))[...] = v
+
+
+def _push_tma(x_ref, slots_ref, s, me, n, base, chunk, steps):
+  """Bulk copies (TMA): a chunk comes into shared memory, then goes out to every rank's slot
+  as one bulk store each, while the next chunk comes in (two buffers). The stores are
+  complete, not just issued, when this returns: the flag that follows publishes them."""
+  def scoped(buf, loaded):
+    fetch = lambda i, b: plgpu.copy_gmem_to_smem(  # one bulk copy: chunks lie inside x
+        x_ref.at[pl.ds(base + i * chunk, chunk)], buf.at[b], loaded.at[b],
+        oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
+    fetch(0, 0)
+
+    @pl.loop(0, steps)
+    def _push(i):
+      b = lax.rem(i, 2)
+      plgpu.barrier_wait(loaded.at[b])
+      sl = pl.ds(base + i * chunk, chunk)
+      for k in range(n):  # one bulk group per chunk
+        plgpu.copy_smem_to_gmem(buf.at[b], plgpu.remote_ref(slots_ref.at[s, me, sl],
+                                                            lax.rem(me + k, n)),
+                                commit_group=k == n - 1)
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the other buffer's stores have read it
+
+      @pl.when(i + 1 < steps)
+      def _():
+        fetch(i + 1, 1 - b)
+
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(scoped, plgpu.SMEM((2, chunk), x_ref.dtype),
+                plgpu.Barrier(num_arrivals=1, num_barriers=2))
+
+
+_PUSH = {"registers": _push_registers, "tma": _push_tma}
+
+
+def _body(n: int, axis: str, chunk: int, steps: int, config: common.Config):
+  exchange = peer_sync.epoch_flag_exchange(n, parallel=config.poll == "parallel")
+  push = _PUSH[config.transport]
 
   def body(x_ref, epoch_ref, _slots_in, _flags_in, y_ref, slots_ref, flags_ref, epoch_out):
     me = lax.axis_index(axis)
     b = lax.axis_index("blocks")
     s = common.advance_epoch(epoch_ref, epoch_out, b)  # slot parity of this call
     base = b * steps * chunk
-
-    @pl.loop(0, steps)
-    def _push(i):
-      sl = pl.ds(base + i * chunk, chunk)
-      v = x_ref[sl]
-      for k in range(n):  # k = 0 is this rank's own slot
-        plgpu.remote_ref(slots_ref.at[s, me, sl], lax.rem(me + k, n))[...] = v
+    push(x_ref, slots_ref, s, me, n, base, chunk, steps)
 
     mine = [plgpu.remote_ref(flags_ref.at[b, s, pl.ds(me, 1)], lax.rem(me + k, n))
             for k in range(n)]
@@ -59,6 +98,5 @@ def one_shot(x: jax.Array, ws: Workspace, axis: str, config: common.Config = com
   n = lax.axis_size(axis)
   chunk = config.chunk(x.dtype)
   return common.launch(x, ws, n, pad_to=chunk, chunks=lambda size: size // chunk,
-                       make_body=lambda steps, _: _body(n, axis, chunk, steps,
-                                                        config.poll == "parallel"),
+                       make_body=lambda steps, _: _body(n, axis, chunk, steps, config),
                        config=config, name="one_shot_all_reduce")

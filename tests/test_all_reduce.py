@@ -27,8 +27,8 @@ def _fn(mesh, method):
                                check_vma=False), donate_argnums=1)
 
 
-def _ws_avals(n, tokens, hidden, dtype):
-  cap = all_reduce.workspace_capacity(tokens, hidden, dtype, n)
+def _ws_avals(n, tokens, hidden, dtype, config=None):
+  cap = all_reduce.workspace_capacity(tokens, hidden, dtype, n, config)
   return workspace.Workspace(jax.ShapeDtypeStruct((n * 2, n, cap), dtype),
                              jax.ShapeDtypeStruct((n * workspace.MAX_BLOCKS, 2, n), jnp.int32),
                              jax.ShapeDtypeStruct((n,), jnp.int32))
@@ -91,6 +91,35 @@ def test_both_flag_polls_lower(method, poll):
   assert len(lowering_checks.mosaic_calls(text)) == 1
   with pytest.raises(ValueError, match="poll must be one of"):
     common.Config(poll="fast")
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("shape", [(1, 4096), (3, 576), (256, 16384)])
+def test_one_shot_bulk_copies_lower(n, shape):
+  """one_shot with transport="tma": non-tensor bulk copies (cp.async.bulk) to the peers."""
+  config = common.Config(vectors=8, max_blocks=32, transport="tma")
+  f = jax.jit(jax.shard_map(
+      lambda x, ws: all_reduce.all_reduce(x, ws, "tp", "one_shot", config),
+      mesh=_mesh(n), in_specs=(P("tp"), workspace.spec("tp")),
+      out_specs=(P("tp"), workspace.spec("tp")), check_vma=False))
+  x = jax.ShapeDtypeStruct((n * shape[0], shape[1]), jnp.bfloat16)
+  text = lowering_checks.lower_for_cuda(f, x, _ws_avals(n, *shape, jnp.bfloat16, config))
+  assert len(lowering_checks.mosaic_calls(text)) == 1
+  assert "cp.async.bulk.global.shared::cta.bulk_group" in text
+  assert lowering_checks.multicast_uses(text) == []
+
+
+def test_bulk_copies_are_a_one_shot_option():
+  with pytest.raises(ValueError, match="transport must be one of"):
+    common.Config(transport="nvshmem")
+  mesh = _mesh(2)
+  f = jax.shard_map(lambda x, ws: all_reduce.all_reduce(x, ws, "tp", "two_shot",
+                                                        common.Config(transport="tma")),
+                    mesh=mesh, in_specs=(P("tp"), workspace.spec("tp")),
+                    out_specs=(P("tp"), workspace.spec("tp")), check_vma=False)
+  with pytest.raises(ValueError, match="transport 'tma' is a one_shot option"):
+    jax.eval_shape(f, jax.ShapeDtypeStruct((2, 4096), jnp.bfloat16),
+                   _ws_avals(2, 1, 4096, jnp.bfloat16))
 
 
 @pytest.mark.parametrize("method", ["one_shot", "two_shot"])

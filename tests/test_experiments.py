@@ -251,3 +251,24 @@ def test_trace_lines_kept_are_the_compute_streams():
   assert profiling._COMPUTE_LINE.match("Stream #187(Compute)")
   assert not profiling._COMPUTE_LINE.match("Stream #12(MemcpyH2D)")
   assert not profiling._COMPUTE_LINE.match("XLA Ops")
+
+
+def test_bench_allreduce_tiling_strings():
+  """`--configs` / `--fused_blocks` strings and the row labels they give (own process: the
+  benchmarks' absl flags share names)."""
+  check = """
+from experiments import bench_allreduce as b
+from pallas_kernels import common
+assert b._config("8:32") == common.Config(8, 32)
+assert b._config("8:128:tma") == common.Config(8, 128, transport="tma")
+assert b._config("2:16:serial:tma") == common.Config(2, 16, "serial", "tma")
+assert b._config("32:serial", fused=True) == common.Config(2, 32, "serial")
+assert b._tiling(b._config("8:32:serial:tma")) == "[v8,b32,serial,tma]"
+try:
+  b._config("8:32:fast")
+except ValueError as e:
+  assert "transport must be one of" in str(e)
+else:
+  raise AssertionError("no error for an unknown transport")
+"""
+  subprocess.run([sys.executable, "-c", check], check=True, cwd=ROOT)

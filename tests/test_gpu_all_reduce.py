@@ -18,15 +18,26 @@ from pallas_kernels import all_reduce, common, lowering_checks, workspace
 pytestmark = pytest.mark.gpu(count=2)
 SHAPES = [(1, 576), (1, 4096), (2, 2048), (7, 5120), (16, 8192), (64, 4096), (128, 8192),
           (256, 16384)]
+# Test name -> (method, tiling): the kernels as auto and the model call them, and one_shot's
+# bulk-copy transport.
+VARIANTS = {"one_shot": ("one_shot", None), "one_shot_ll": ("one_shot_ll", None),
+            "two_shot": ("two_shot", None), "auto": ("auto", None),
+            "one_shot_tma": ("one_shot", common.Config(8, 32, transport="tma"))}
 
 
-def _run(n, method, shape, dtype, calls=1, seed=0):
+def _capacity(shape, dtype, n, config):
+  return max(all_reduce.workspace_capacity(*shape, dtype, n),
+             all_reduce.workspace_capacity(*shape, dtype, n, config) if config else 0)
+
+
+def _run(n, variant, shape, dtype, calls=1, seed=0):
+  method, config = VARIANTS[variant]
   mesh = make_mesh(n)
   spec = workspace.spec("tp")
-  ws = workspace.init(mesh, "tp", all_reduce.workspace_capacity(*shape, dtype, n), dtype)
+  ws = workspace.init(mesh, "tp", _capacity(shape, dtype, n, config), dtype)
 
   def f(x, ws):
-    y, ws = all_reduce.all_reduce(x, ws, "tp", method)
+    y, ws = all_reduce.all_reduce(x, ws, "tp", method, config)
     return y, common.reference(x, "tp"), lax.psum(x, "tp"), ws
 
   g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("tp"), spec),
@@ -39,7 +50,7 @@ def _run(n, method, shape, dtype, calls=1, seed=0):
   return [np.asarray(a, np.float32).reshape(n, *shape) for a in (y, ref, psum)]
 
 
-@pytest.mark.parametrize("method", ["one_shot", "one_shot_ll", "two_shot", "auto"])
+@pytest.mark.parametrize("method", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference_and_psum_on_every_rank(method, dtype, shape):
@@ -58,23 +69,23 @@ def test_matches_reference_and_psum_on_every_rank(method, dtype, shape):
     np.testing.assert_allclose(y, psum, rtol=tol, atol=tol * n)
 
 
-@pytest.mark.parametrize("method", ["one_shot", "one_shot_ll", "two_shot"])
+@pytest.mark.parametrize("method", ["one_shot", "one_shot_ll", "two_shot", "one_shot_tma"])
 def test_ten_thousand_back_to_back_calls(method):
   """10,000 calls with changing data in one jitted loop, then 200 separately jitted calls
   (donated workspace across executables): every result equals the reference chain."""
+  method, config = VARIANTS[method]
   for n in gpu_ranks():
     mesh = make_mesh(n)
     spec = workspace.spec("tp")
     shape = (4, 4096)
-    ws = workspace.init(mesh, "tp", all_reduce.workspace_capacity(*shape, jnp.bfloat16, n),
-                        jnp.bfloat16)
+    ws = workspace.init(mesh, "tp", _capacity(shape, jnp.bfloat16, n, config), jnp.bfloat16)
 
     def chain(x, ws, steps):
       def body(i, carry):
         y, ref, ws, bad = carry
         xin = (x + y * 0.5 + i.astype(jnp.bfloat16) * 1e-3).astype(jnp.bfloat16)
         xref = (x + ref * 0.5 + i.astype(jnp.bfloat16) * 1e-3).astype(jnp.bfloat16)
-        y, ws = all_reduce.all_reduce(xin, ws, "tp", method)
+        y, ws = all_reduce.all_reduce(xin, ws, "tp", method, config)
         ref = common.reference(xref, "tp")
         return y, ref, ws, bad + jnp.sum(y != ref)
       zero = jnp.zeros_like(x)

@@ -39,6 +39,10 @@ for step in "$@"; do
     allreduce4)     bench 560 bench_allreduce --tp 4 --min_bytes "${MIN_BYTES:-262144}" \
                       --max_bytes 8388608 --nocupti --runs 5 --configs 2:16,8:32 \
                       --time_limit_s 530 ;;  # 4-128 KB: allreduce/20261122T094025976278Z
+    tma)            bench 560 bench_allreduce --tp "${TP:-4}" --flavours psum_nccl,pallas \
+                      --impls one_shot,two_shot --configs 4:128,4:128:tma,8:32:tma,32:32:tma \
+                      --min_bytes 262144 --max_bytes 8388608 --nocupti --runs 5 \
+                      --time_limit_s 530 ;;  # bulk copies vs thread stores; two_shot loads first
     auto4)          bench 560 bench_allreduce --tp 4 --impls auto --nocupti --max_bytes 8388608 \
                       --flavours psum_default,psum_nccl,pallas --time_limit_s 530 \
                       ${THRESHOLDS_FROM:+--thresholds_from $THRESHOLDS_FROM} ;;  # else as committed
