@@ -199,7 +199,7 @@ def run_child(flavour: str, out_path: str):
   variants = [(impl, cfg) for impl in impls
               for cfg in (configs if impl in KERNELS and _OP.value == "all_reduce" else
                           fused_configs if impl in FUSED else configs[:1])
-              if impl == "one_shot" or cfg.transport == "registers"]  # bulk copies: one_shot's
+              if impl in ("one_shot", "two_shot") or cfg.transport == "registers"]
   log = xla_env.ChildLog(out_path)
   for tokens, hidden, nbytes in _cases(n):
     for impl, cfg in variants:

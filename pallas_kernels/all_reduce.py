@@ -140,8 +140,9 @@ def all_reduce(x: jax.Array, ws: Workspace, axis: str, method: str = "auto",
     method, tuned = select(x.size * x.dtype.itemsize, n) if fits else ("xla", None)
     config = config or tuned
   config = config or common.Config()
-  if config.transport != "registers" and method != "one_shot":
-    raise ValueError(f"transport {config.transport!r} is a one_shot option, found method {method!r}")
+  if config.transport != "registers" and method not in ("one_shot", "two_shot"):
+    raise ValueError(f"transport {config.transport!r} is a one_shot and two_shot option,"
+                     f" found method {method!r}")
   if n == 1:
     return x, ws
   if method == "xla":

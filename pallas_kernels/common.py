@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import peer_sync
 from pallas_kernels.workspace import MAX_BLOCKS, Workspace
@@ -22,7 +23,7 @@ def largest_divisor(n: int, limit: int) -> int:
 
 
 POLLS = ("parallel", "serial")  # how a block polls the flags it waits for (peer_sync)
-TRANSPORTS = ("registers", "tma")  # how one_shot moves data to peers
+TRANSPORTS = ("registers", "tma")  # how one_shot and two_shot move data to peers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +31,8 @@ class Config:
   """Tiling: one chunk is THREADS x `vectors` 16-byte vectors; blocks split the chunks.
   `poll`: how the flag-protocol kernels wait for their flags (peer_sync.epoch_flag_exchange:
   one thread per flag at once, or one thread in turn, the protocol before session 6).
-  `transport` (one_shot): thread stores from registers, or bulk copies (TMA) through shared
-  memory, one per chunk and peer."""
+  `transport` (one_shot, two_shot's scatter): thread stores from registers, or bulk copies
+  (TMA) through shared memory, one per chunk and peer (`bulk_copy`)."""
 
   vectors: int = 2
   max_blocks: int = 16
@@ -87,6 +88,35 @@ def advance_epoch(epoch_ref, epoch_out_ref, block) -> jax.Array:
     epoch_out_ref[0] = e
 
   return lax.rem(e, 2)
+
+
+def bulk_copy(steps: int, chunk: int, dtype, src, dsts):
+  """In a kernel body: for i in range(steps), copies the `chunk`-element GMEM ref `src(i)` to
+  every ref of `dsts(i)` (GMEM, here or on peers) by bulk copies (TMA without a tensor map,
+  so no box limit) through two shared-memory buffers: chunk i+1 comes in while chunk i goes
+  out. Returns once the stores are complete, not just issued, so a flag may publish them."""
+  def scoped(buf, loaded):
+    fetch = lambda i, b: plgpu.copy_gmem_to_smem(src(i), buf.at[b], loaded.at[b],
+                                                 oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
+    fetch(0, 0)
+
+    @pl.loop(0, steps)
+    def _step(i):
+      b = lax.rem(i, 2)
+      plgpu.barrier_wait(loaded.at[b])
+      out = dsts(i)
+      for k, dst in enumerate(out):  # one bulk group per step
+        plgpu.copy_smem_to_gmem(buf.at[b], dst, commit_group=k == len(out) - 1)
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # step i-1's stores have read its buffer
+
+      @pl.when(i + 1 < steps)
+      def _():
+        fetch(i + 1, 1 - b)
+
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(scoped, plgpu.SMEM((2, chunk), dtype),
+                plgpu.Barrier(num_arrivals=1, num_barriers=2))
 
 
 def launch(x: jax.Array, ws: Workspace, n: int, *, pad_to: int, chunks, make_body,

@@ -192,7 +192,7 @@ def _kernel_call(partial, residual, weight, ws: Workspace, axis: str, eps: float
   tokens, hidden = partial.shape
   width = padded_hidden(hidden)
   if config.transport != "registers":
-    raise ValueError(f"transport {config.transport!r} is a one_shot option, not the fused kernel's")
+    raise ValueError(f"transport {config.transport!r} is not an option of the fused kernel")
   if not fits(tokens, hidden, ws, protocol) or ws.slots.dtype != partial.dtype:
     raise ValueError(f"workspace slots {ws.slots.shape} {ws.slots.dtype} cannot carry a"
                      f" ({tokens}, {width}) {partial.dtype} message with protocol {protocol!r}")

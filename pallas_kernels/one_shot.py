@@ -34,34 +34,11 @@ def _push_registers(x_ref, slots_ref, s, me, n, base, chunk, steps):
 
 
 def _push_tma(x_ref, slots_ref, s, me, n, base, chunk, steps):
-  """Bulk copies (TMA): a chunk comes into shared memory, then goes out to every rank's slot
-  as one bulk store each, while the next chunk comes in (two buffers). The stores are
-  complete, not just issued, when this returns: the flag that follows publishes them."""
-  def scoped(buf, loaded):
-    fetch = lambda i, b: plgpu.copy_gmem_to_smem(  # one bulk copy: chunks lie inside x
-        x_ref.at[pl.ds(base + i * chunk, chunk)], buf.at[b], loaded.at[b],
-        oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
-    fetch(0, 0)
-
-    @pl.loop(0, steps)
-    def _push(i):
-      b = lax.rem(i, 2)
-      plgpu.barrier_wait(loaded.at[b])
-      sl = pl.ds(base + i * chunk, chunk)
-      for k in range(n):  # one bulk group per chunk
-        plgpu.copy_smem_to_gmem(buf.at[b], plgpu.remote_ref(slots_ref.at[s, me, sl],
-                                                            lax.rem(me + k, n)),
-                                commit_group=k == n - 1)
-      plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the other buffer's stores have read it
-
-      @pl.when(i + 1 < steps)
-      def _():
-        fetch(i + 1, 1 - b)
-
-    plgpu.wait_smem_to_gmem(0)
-
-  pl.run_scoped(scoped, plgpu.SMEM((2, chunk), x_ref.dtype),
-                plgpu.Barrier(num_arrivals=1, num_barriers=2))
+  """Bulk copies: each chunk once into shared memory, then to every rank's slot."""
+  at = lambda i: pl.ds(base + i * chunk, chunk)
+  common.bulk_copy(steps, chunk, x_ref.dtype, lambda i: x_ref.at[at(i)],
+                   lambda i: [plgpu.remote_ref(slots_ref.at[s, me, at(i)], lax.rem(me + k, n))
+                              for k in range(n)])
 
 
 _PUSH = {"registers": _push_registers, "tma": _push_tma}

@@ -21,9 +21,35 @@ from pallas_kernels.workspace import Workspace
 reference = common.reference
 
 
-def _body(n: int, axis: str, chunk: int, steps: int, part: int, parallel: bool):
-  scattered = peer_sync.epoch_flag_exchange(n, phase=1, parallel=parallel)
-  gathered = peer_sync.epoch_flag_exchange(n, parallel=parallel)
+def _scatter_registers(x_ref, slots_ref, s, me, n, base, chunk, steps, part):
+  """Part q of my message -> row `me` of rank q's slots, by thread stores. A step's loads are
+  issued before its stores so that their latencies overlap (a store the compiler cannot
+  prove apart from the next load would otherwise order them)."""
+  @pl.loop(0, steps)
+  def _scatter(i):
+    peers = [lax.rem(me + k, n) for k in range(n)]
+    sls = [pl.ds(q * part + base + i * chunk, chunk) for q in peers]
+    vals = [x_ref[sl] for sl in sls]
+    for q, sl, v in zip(peers, sls, vals):
+      plgpu.remote_ref(slots_ref.at[s, me, sl], q)[...] = v
+
+
+def _scatter_tma(x_ref, slots_ref, s, me, n, base, chunk, steps, part):
+  """The same by bulk copies, one chunk and one peer per step (common.bulk_copy)."""
+  def at(j):  # step j: chunk j // n of the part for rank me + j % n
+    q = lax.rem(me + lax.rem(j, n), n)
+    return q, pl.ds(q * part + base + lax.div(j, n) * chunk, chunk)
+  common.bulk_copy(steps * n, chunk, x_ref.dtype, lambda j: x_ref.at[at(j)[1]],
+                   lambda j: [plgpu.remote_ref(slots_ref.at[s, me, at(j)[1]], at(j)[0])])
+
+
+_SCATTER = {"registers": _scatter_registers, "tma": _scatter_tma}
+
+
+def _body(n: int, axis: str, chunk: int, steps: int, part: int, config: common.Config):
+  scattered = peer_sync.epoch_flag_exchange(n, phase=1, parallel=config.poll == "parallel")
+  gathered = peer_sync.epoch_flag_exchange(n, parallel=config.poll == "parallel")
+  scatter = _SCATTER[config.transport]
 
   def body(x_ref, epoch_ref, _slots_in, _flags_in, y_ref, slots_ref, flags_ref, epoch_out):
     me = lax.axis_index(axis)
@@ -33,16 +59,7 @@ def _body(n: int, axis: str, chunk: int, steps: int, part: int, parallel: bool):
     mine = [plgpu.remote_ref(flags_ref.at[b, s, pl.ds(me, 1)], lax.rem(me + k, n))
             for k in range(n)]
 
-    # Loads are issued before any store of the step so that their latencies overlap (a store
-    # the compiler cannot prove apart from the next load would otherwise order them).
-    @pl.loop(0, steps)
-    def _scatter(i):  # part q of my message -> row `me` of rank q's slots
-      peers = [lax.rem(me + k, n) for k in range(n)]
-      sls = [pl.ds(q * part + base + i * chunk, chunk) for q in peers]
-      vals = [x_ref[sl] for sl in sls]
-      for q, sl, v in zip(peers, sls, vals):
-        plgpu.remote_ref(slots_ref.at[s, me, sl], q)[...] = v
-
+    scatter(x_ref, slots_ref, s, me, n, base, chunk, steps, part)
     scattered(epoch_ref, flags_ref.at[b, s], *mine)
 
     @pl.loop(0, steps)
@@ -74,5 +91,5 @@ def two_shot(x: jax.Array, ws: Workspace, axis: str, config: common.Config = com
   chunk = config.chunk(x.dtype)
   return common.launch(x, ws, n, pad_to=chunk * n, chunks=lambda size: size // n // chunk,
                        make_body=lambda steps, size: _body(n, axis, chunk, steps, size // n,
-                                                           config.poll == "parallel"),
+                                                           config),
                        config=config, name="two_shot_all_reduce")

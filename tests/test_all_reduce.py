@@ -95,11 +95,12 @@ def test_both_flag_polls_lower(method, poll):
 
 @pytest.mark.parametrize("n", [2, 4, 8])
 @pytest.mark.parametrize("shape", [(1, 4096), (3, 576), (256, 16384)])
-def test_one_shot_bulk_copies_lower(n, shape):
-  """one_shot with transport="tma": non-tensor bulk copies (cp.async.bulk) to the peers."""
+@pytest.mark.parametrize("method", ["one_shot", "two_shot"])
+def test_bulk_copies_lower(method, n, shape):
+  """transport="tma": non-tensor bulk copies (cp.async.bulk) to the peers."""
   config = common.Config(vectors=8, max_blocks=32, transport="tma")
   f = jax.jit(jax.shard_map(
-      lambda x, ws: all_reduce.all_reduce(x, ws, "tp", "one_shot", config),
+      lambda x, ws: all_reduce.all_reduce(x, ws, "tp", method, config),
       mesh=_mesh(n), in_specs=(P("tp"), workspace.spec("tp")),
       out_specs=(P("tp"), workspace.spec("tp")), check_vma=False))
   x = jax.ShapeDtypeStruct((n * shape[0], shape[1]), jnp.bfloat16)
@@ -109,15 +110,15 @@ def test_one_shot_bulk_copies_lower(n, shape):
   assert lowering_checks.multicast_uses(text) == []
 
 
-def test_bulk_copies_are_a_one_shot_option():
+def test_bulk_copies_are_a_one_shot_and_two_shot_option():
   with pytest.raises(ValueError, match="transport must be one of"):
     common.Config(transport="nvshmem")
   mesh = _mesh(2)
-  f = jax.shard_map(lambda x, ws: all_reduce.all_reduce(x, ws, "tp", "two_shot",
+  f = jax.shard_map(lambda x, ws: all_reduce.all_reduce(x, ws, "tp", "one_shot_ll",
                                                         common.Config(transport="tma")),
                     mesh=mesh, in_specs=(P("tp"), workspace.spec("tp")),
                     out_specs=(P("tp"), workspace.spec("tp")), check_vma=False)
-  with pytest.raises(ValueError, match="transport 'tma' is a one_shot option"):
+  with pytest.raises(ValueError, match="transport 'tma' is a one_shot and two_shot option"):
     jax.eval_shape(f, jax.ShapeDtypeStruct((2, 4096), jnp.bfloat16),
                    _ws_avals(2, 1, 4096, jnp.bfloat16))
 

@@ -18,11 +18,12 @@ from pallas_kernels import all_reduce, common, lowering_checks, workspace
 pytestmark = pytest.mark.gpu(count=2)
 SHAPES = [(1, 576), (1, 4096), (2, 2048), (7, 5120), (16, 8192), (64, 4096), (128, 8192),
           (256, 16384)]
-# Test name -> (method, tiling): the kernels as auto and the model call them, and one_shot's
+# Test name -> (method, tiling): the kernels as auto and the model call them, and the
 # bulk-copy transport.
 VARIANTS = {"one_shot": ("one_shot", None), "one_shot_ll": ("one_shot_ll", None),
             "two_shot": ("two_shot", None), "auto": ("auto", None),
-            "one_shot_tma": ("one_shot", common.Config(8, 32, transport="tma"))}
+            "one_shot_tma": ("one_shot", common.Config(8, 32, transport="tma")),
+            "two_shot_tma": ("two_shot", common.Config(8, 32, transport="tma"))}
 
 
 def _capacity(shape, dtype, n, config):
@@ -69,7 +70,8 @@ def test_matches_reference_and_psum_on_every_rank(method, dtype, shape):
     np.testing.assert_allclose(y, psum, rtol=tol, atol=tol * n)
 
 
-@pytest.mark.parametrize("method", ["one_shot", "one_shot_ll", "two_shot", "one_shot_tma"])
+@pytest.mark.parametrize("method", ["one_shot", "one_shot_ll", "two_shot", "one_shot_tma",
+                                    "two_shot_tma"])
 def test_ten_thousand_back_to_back_calls(method):
   """10,000 calls with changing data in one jitted loop, then 200 separately jitted calls
   (donated workspace across executables): every result equals the reference chain."""
