@@ -33,15 +33,19 @@ def sm(f, ins, outs, donate):
                  donate_argnums=donate)
 
 
-for method in ("one_shot", "one_shot_ll", "two_shot"):
-  ws = workspace.init(mesh, "tp", cap, dt)
-  f = sm(lambda x, ws: (*all_reduce.all_reduce(x, ws, "tp", method), common.reference(x, "tp")),
+TMA = common.Config(8, 32, transport="tma")
+for method, config in (("one_shot", None), ("one_shot_ll", None), ("two_shot", None),
+                       ("one_shot", TMA), ("two_shot", TMA)):
+  label = method + ("" if config is None else " (bulk copies)")
+  ws = workspace.init(mesh, "tp", max(cap, all_reduce.workspace_capacity(*shape, dt, n, TMA)), dt)
+  f = sm(lambda x, ws: (*all_reduce.all_reduce(x, ws, "tp", method, config),
+                        common.reference(x, "tp")),
          (P("tp"), spec), (P("tp"), spec, P("tp")), 1)
   for i in range(4):
     x = jax.random.normal(jax.random.key(i), (2 * n, 4096), dt)
     y, ws, ref = f(x, ws)
-    assert np.array_equal(np.asarray(y), np.asarray(ref)), method
-  print(method, "correct", flush=True)
+    assert np.array_equal(np.asarray(y), np.asarray(ref)), label
+  print(label, "correct", flush=True)
 
 w = jax.random.normal(jax.random.key(9), (4096,), dt)
 for protocol in fused_add_norm.PROTOCOLS:
