@@ -43,6 +43,10 @@ for step in "$@"; do
                       --impls one_shot,two_shot --configs 4:128,4:128:tma,8:32:tma,32:32:tma \
                       --min_bytes 262144 --max_bytes 8388608 --nocupti --runs 5 \
                       --time_limit_s 530 ;;  # bulk copies vs thread stores; two_shot loads first
+    wide2)          bench 560 bench_allreduce --tp "${TP:-2}" --flavours psum_default,psum_nccl,pallas \
+                      --impls one_shot,one_shot_ll --configs 2:16,2:64,2:128,1:128,4:128 \
+                      --min_bytes 32768 --max_bytes 524288 --nocupti --runs 5 \
+                      --time_limit_s 530 ;;  # 64-256 KB at TP=2: one step per block (NCCL goal)
     auto4)          bench 560 bench_allreduce --tp 4 --impls auto --nocupti --max_bytes 8388608 \
                       --flavours psum_default,psum_nccl,pallas --time_limit_s 530 \
                       ${THRESHOLDS_FROM:+--thresholds_from $THRESHOLDS_FROM} ;;  # else as committed
