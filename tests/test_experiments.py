@@ -272,3 +272,16 @@ else:
   raise AssertionError("no error for an unknown transport")
 """
   subprocess.run([sys.executable, "-c", check], check=True, cwd=ROOT)
+
+
+def test_outside_compute_share():
+  """1 - compute kernels / TPOT, from CUPTI before the trace; None when no count saw a matmul."""
+  from experiments import profiling
+
+  row = {"tpot_ms_median": 4.0, "gpu_matmul_us": 2000.0, "gpu_attention_us": 0.0,
+         "gpu_other_us": 1000.0, "gpu_all_reduce_us": 5000.0}
+  assert profiling.outside_compute_share(row) == pytest.approx(0.25)
+  row.update(cupti_matmul_us=2500.0, cupti_attention_us=300.0, cupti_other_us=200.0)
+  assert profiling.outside_compute_share(row) == pytest.approx(1 - 3000.0 / 4000.0)
+  assert profiling.outside_compute_share({**row, "cupti_matmul_us": 0.0, "gpu_matmul_us": 0.0}) is None
+  assert profiling.outside_compute_share({**row, "tpot_ms_median": 2.0}) == 0.0  # kernels fill it
