@@ -15,6 +15,7 @@ from pallas_kernels.workspace import MAX_BLOCKS, Workspace
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 THREADS = 128  # one warpgroup per block
+SMEM_BYTES = 227 * 1024  # shared memory one block may use on Hopper
 
 
 def largest_divisor(n: int, limit: int) -> int:
@@ -95,6 +96,11 @@ def bulk_copy(steps: int, chunk: int, dtype, src, dsts):
   every ref of `dsts(i)` (GMEM, here or on peers) by bulk copies (TMA without a tensor map,
   so no box limit) through two shared-memory buffers: chunk i+1 comes in while chunk i goes
   out. Returns once the stores are complete, not just issued, so a flag may publish them."""
+  smem = 2 * chunk * jnp.dtype(dtype).itemsize
+  if smem > SMEM_BYTES:
+    raise ValueError(f"bulk copies of {chunk}-element chunks need {smem} bytes of shared memory"
+                     f" (two buffers), more than a block has ({SMEM_BYTES}): use fewer vectors")
+
   def scoped(buf, loaded):
     fetch = lambda i, b: plgpu.copy_gmem_to_smem(src(i), buf.at[b], loaded.at[b],
                                                  oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)

@@ -121,6 +121,13 @@ def test_bulk_copies_are_a_one_shot_and_two_shot_option():
   with pytest.raises(ValueError, match="transport 'tma' is a one_shot and two_shot option"):
     jax.eval_shape(f, jax.ShapeDtypeStruct((2, 4096), jnp.bfloat16),
                    _ws_avals(2, 1, 4096, jnp.bfloat16))
+  big = common.Config(vectors=64, transport="tma")  # two 128 KiB buffers
+  g = jax.jit(jax.shard_map(lambda x, ws: all_reduce.all_reduce(x, ws, "tp", "one_shot", big),
+                            mesh=mesh, in_specs=(P("tp"), workspace.spec("tp")),
+                            out_specs=(P("tp"), workspace.spec("tp")), check_vma=False))
+  with pytest.raises(ValueError, match="need 262144 bytes of shared memory"):
+    lowering_checks.lower_for_cuda(g, jax.ShapeDtypeStruct((2 * 64, 4096), jnp.bfloat16),
+                                   _ws_avals(2, 64, 4096, jnp.bfloat16, big))
 
 
 @pytest.mark.parametrize("method", ["one_shot", "two_shot"])
