@@ -116,10 +116,10 @@ def _auto_label(method, config) -> str:
 def _tiling(config) -> str:
   """A tiling as a row label suffix: `[v8,b32]`, `[v8,b32,serial,tma]` for the serial flag
   poll and bulk copies (thresholds.derive reads the name before it)."""
-  return f"[v{config.vectors},b{config.max_blocks}{_poll(config)}]"
+  return f"[v{config.vectors},b{config.max_blocks}{_options(config)}]"
 
 
-def _poll(config) -> str:
+def _options(config) -> str:
   """Label suffix of the non-default flag poll and transport."""
   return (("" if config.poll == "parallel" else f",{config.poll}")
           + ("" if config.transport == "registers" else f",{config.transport}"))
@@ -199,14 +199,14 @@ def run_child(flavour: str, out_path: str):
   variants = [(impl, cfg) for impl in impls
               for cfg in (configs if impl in KERNELS and _OP.value == "all_reduce" else
                           fused_configs if impl in FUSED else configs[:1])
-              if impl in ("one_shot", "two_shot") or cfg.transport == "registers"]
+              if impl in all_reduce.TRANSPORT_METHODS or cfg.transport == "registers"]
   log = xla_env.ChildLog(out_path)
   for tokens, hidden, nbytes in _cases(n):
     for impl, cfg in variants:
       kernel_ok = tokens <= all_reduce.MAX_TOKENS and hidden <= all_reduce.MAX_HIDDEN
       if impl in KERNELS and not kernel_ok:
         continue
-      tag = (("" if cfg == fused_configs[0] else f"[b{cfg.max_blocks}{_poll(cfg)}]")
+      tag = (("" if cfg == fused_configs[0] else f"[b{cfg.max_blocks}{_options(cfg)}]")
              if impl in FUSED else "" if cfg == configs[0] else _tiling(cfg))
       case = {"op": _OP.value, "flavour": flavour,
               "impl": (impl if impl != "xla" else flavour) + tag, "tp": n, "bytes": nbytes,

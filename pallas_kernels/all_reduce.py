@@ -29,6 +29,7 @@ from pallas_kernels import two_shot as two_shot_lib
 from pallas_kernels.workspace import Workspace
 
 METHODS = ("auto", "one_shot", "one_shot_ll", "two_shot", "xla")
+TRANSPORT_METHODS = ("one_shot", "two_shot")  # the kernels that take Config.transport
 MAX_TOKENS = 256
 MAX_HIDDEN = 16384
 
@@ -140,7 +141,7 @@ def all_reduce(x: jax.Array, ws: Workspace, axis: str, method: str = "auto",
     method, tuned = select(x.size * x.dtype.itemsize, n) if fits else ("xla", None)
     config = config or tuned
   config = config or common.Config()
-  if config.transport != "registers" and method not in ("one_shot", "two_shot"):
+  if config.transport != "registers" and method not in TRANSPORT_METHODS:
     raise ValueError(f"transport {config.transport!r} is a one_shot and two_shot option,"
                      f" found method {method!r}")
   if n == 1:
