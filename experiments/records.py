@@ -67,6 +67,9 @@ def environment() -> dict[str, Any]:
       "device_kind": devices[0].device_kind,
       "num_devices": len(devices),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+      # What else ran on the host at the same time (gpu_pairs.sh: the other GPU pair).
+      "concurrent_with": os.environ.get("TPDECODE_CONCURRENT", ""),
       "python": platform.python_version(),
   }
 

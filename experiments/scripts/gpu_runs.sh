@@ -8,12 +8,14 @@ export TPDECODE_GIT_SHA=${TPDECODE_GIT_SHA:-unknown}
 # XLA's autotuning results, shared by the decode, matvec and all-reduce processes of a
 # session (fewer compile seconds, the same kernel choices in every process); never for
 # bench_ttft, whose cold starts must autotune like any first start.
-TUNED="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune"
+TUNED="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune${CUDA_VISIBLE_DEVICES//,/}"  # per GPU set
 bench() { timeout "$1" python3 -m "experiments.$2" "${@:3}" 2>&1 | grep -v "^I1\|^W1" | tee -a $OUT/full.log | tail -40; }
 decode() { XLA_FLAGS="$TUNED" bench "${DECODE_TIMEOUT:-280}" bench_decode --model "${MODEL:-llama2-7b}" --tp "${TPS:-1,2}" \
              --batch "${BATCH:-1}" "$@"; }
-# Records so far, every 20 s as well: a call cut short by its limit still returns them.
-( while sleep 20; do tar czf $OUT/partial.tgz experiments/results && mv $OUT/partial.tgz $OUT/results.tgz; done ) &
+# Records so far, every 20 s as well: a call cut short by its limit still returns them. Written
+# to a private name, then renamed: two of these scripts may run side by side (gpu_pairs.sh).
+save() { tar czf $OUT/.results.$BASHPID.tgz experiments/results && mv $OUT/.results.$BASHPID.tgz $OUT/results.tgz; }
+( while sleep 20; do save; done ) &
 trap "kill $! 2>/dev/null" EXIT
 for step in "$@"; do
   echo "=== $step"
@@ -111,5 +113,5 @@ for step in "$@"; do
                       | grep -v "^I1\|^W1" | tail -7; done ;;
     *) echo "unknown step $step" ;;
   esac
-  tar czf $OUT/results.tgz experiments/results
+  save
 done
