@@ -258,10 +258,9 @@ def run_child(flavour: str, out_path: str):
 
       def build(fn, stamped=False):
         cspec = jax.tree.map(lambda _: P("tp"), carry)
-        mapped = jax.shard_map(fn, mesh=mesh, in_specs=(cspec, spec),
-                               out_specs=(cspec, spec, *([P("tp")] if stamped else [])),
-                               check_vma=False)
-        return jax.jit(mapped, donate_argnums=1)
+        return workspace.sharded_jit(fn, mesh, (cspec, spec),
+                                     (cspec, spec, *([P("tp")] if stamped else [])),
+                                     donate_argnums=1)
 
       loop, single = build(chain, stamped=True), build(op)
       state = {"ws": fresh_ws()}

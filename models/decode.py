@@ -32,6 +32,7 @@ from models import sharding
 from models.collectives import BACKENDS, Comm
 from models.config import LlamaConfig
 from models.llama import MATMULS, Block, KVCache, Llama
+from pallas_kernels.workspace import sharded_jit
 
 
 def _leaf_name(path) -> str:
@@ -185,9 +186,7 @@ class Decoder:
   # ---- compiled entry points ---------------------------------------------------------
 
   def _sharded(self, fn, in_specs, out_specs, donate):
-    mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                           check_vma=False)
-    return jax.jit(mapped, donate_argnums=donate)
+    return sharded_jit(fn, self.mesh, in_specs, out_specs, donate_argnums=donate)
 
   @functools.cached_property
   def prefill_fn(self):

@@ -52,6 +52,12 @@ def workspace_copies(optimized_hlo: str, ws) -> list[str]:
   return hits
 
 
+def aliases(compiled_hlo: str) -> dict[int, int]:
+  """{parameter: output} of a compiled module's input_output_alias (top-level outputs)."""
+  header = compiled_hlo.split("\n", 1)[0]
+  return {int(p): int(o) for o, p in re.findall(r"\{(\d+)\}: \((\d+), \{\}", header)}
+
+
 def _hlo_type(dtype) -> str:
   import numpy as np
   name = np.dtype(dtype).name

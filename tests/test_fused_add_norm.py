@@ -23,9 +23,8 @@ def _fn(mesh, eps=1e-5, protocol="flags", config=fused_add_norm.CONFIG):
   def f(partial, residual, weight, ws):
     return fused_add_norm.all_reduce_add_norm(partial, residual, weight, ws, "tp", eps,
                                               config=config, protocol=protocol)
-  return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("tp"), P("tp"), P(), spec),
-                               out_specs=(P("tp"), P("tp"), spec), check_vma=False),
-                 donate_argnums=3)
+  return workspace.sharded_jit(f, mesh, (P("tp"), P("tp"), P(), spec), (P("tp"), P("tp"), spec),
+                               donate_argnums=3)
 
 
 def _ws(mesh, n, tokens, hidden, dtype, abstract=False, protocol="flags"):

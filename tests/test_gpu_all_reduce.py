@@ -41,9 +41,8 @@ def _run(n, variant, shape, dtype, calls=1, seed=0):
     y, ws = all_reduce.all_reduce(x, ws, "tp", method, config)
     return y, common.reference(x, "tp"), lax.psum(x, "tp"), ws
 
-  g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("tp"), spec),
-                            out_specs=(P("tp"), P("tp"), P("tp"), spec), check_vma=False),
-              donate_argnums=1)
+  g = workspace.sharded_jit(f, mesh, (P("tp"), spec), (P("tp"), P("tp"), P("tp"), spec),
+                            donate_argnums=1)
   key = jax.random.key(seed)
   for i in range(calls):
     x = jax.random.normal(jax.random.fold_in(key, i), (n * shape[0], shape[1]), dtype)
@@ -96,9 +95,8 @@ def test_ten_thousand_back_to_back_calls(method):
 
     def build(steps):
       f = lambda x, ws: chain(x, ws, steps)
-      return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("tp"), spec),
-                                   out_specs=(P("tp"), P("tp"), spec, P()), check_vma=False),
-                     donate_argnums=1)
+      return workspace.sharded_jit(f, mesh, (P("tp"), spec), (P("tp"), P("tp"), spec, P()),
+                                   donate_argnums=1)
 
     x = jax.random.normal(jax.random.key(n), (n * shape[0], shape[1]), jnp.bfloat16)
     loop = build(10_000)

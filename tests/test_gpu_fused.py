@@ -31,8 +31,8 @@ def _build(n, tokens, hidden, protocol, config=fused_add_norm.CONFIG):
     new = (r.astype(jnp.float32) + lax.psum(p, "tp").astype(jnp.float32)).astype(r.dtype)
     return out, new_res, ref_out, ref_res, rms_norm(new, w, 1e-5), new, ws
 
-  f = jax.jit(jax.shard_map(once, mesh=mesh, in_specs=(P("tp"), P(), P(), spec),
-                            out_specs=(P("tp"),) * 6 + (spec,), check_vma=False), donate_argnums=3)
+  f = workspace.sharded_jit(once, mesh, (P("tp"), P(), P(), spec), (P("tp"),) * 6 + (spec,),
+                            donate_argnums=3)
   return f, ws
 
 
@@ -91,8 +91,7 @@ def test_ten_thousand_back_to_back_calls(protocol):
       out = lax.fori_loop(0, 10_000, body, (r, r, ws, jnp.int32(0)))
       return out[2], lax.psum(out[3], "tp")
 
-    f = jax.jit(jax.shard_map(chain, mesh=mesh, in_specs=(P("tp"), P(), spec),
-                              out_specs=(spec, P()), check_vma=False), donate_argnums=2)
+    f = workspace.sharded_jit(chain, mesh, (P("tp"), P(), spec), (spec, P()), donate_argnums=2)
     p = jax.random.normal(jax.random.key(0), (n * tokens, hidden), jnp.bfloat16)
     r = jax.random.normal(jax.random.key(1), (tokens, hidden), jnp.bfloat16)
     assert lowering_checks.workspace_copies(f.lower(p, r, ws).compile().as_text(), ws) == []

@@ -29,8 +29,7 @@ cap = max(all_reduce.workspace_capacity(*shape, dt, n), shape[0] * shape[1])
 
 
 def sm(f, ins, outs, donate):
-  return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=ins, out_specs=outs, check_vma=False),
-                 donate_argnums=donate)
+  return workspace.sharded_jit(f, mesh, ins, outs, donate_argnums=donate)
 
 
 TMA = common.Config(8, 32, transport="tma")

@@ -67,10 +67,10 @@ for step in "$@"; do
                       gzip -c "$f" > $OUT/dump_ar/$(basename $(dirname "$f"))_$(basename "$f").gz
                     done ;;
     add_norm_large) TOKENS=64,128 bash "$0" add_norm ;;  # the rest of the issue's token counts
-    add_norm)       bench 560 bench_allreduce --tp "${TP:-2}" --op add_norm \
+    add_norm)       bench $((${TIME_LIMIT:-540} + 20)) bench_allreduce --tp "${TP:-2}" --op add_norm \
                       --tokens "${TOKENS:-1,4,16}" --hidden "${HIDDEN:-4096,5120,8192}" \
                       --fused_blocks "${FUSED_BLOCKS:-32,32:serial}" ${CUPTI_FLAG:---nocupti} \
-                      --time_limit_s 540 ${FLAVOURS:+--flavours $FLAVOURS} ;;  # FLAVOURS=pallas: kernels alone
+                      --time_limit_s ${TIME_LIMIT:-540} ${FLAVOURS:+--flavours $FLAVOURS} ;;  # FLAVOURS=pallas: kernels alone
     diag)           for c in ${DIAG:-nocupti cupti}; do  # the abort at 256 KB (docs/allreduce.md), with copy counts
                       bench 150 bench_allreduce --tp 2 --flavours pallas --impls one_shot --$c \
                         --min_bytes 131072 --max_bytes 1048576 --runs 30; done ;;
@@ -93,7 +93,7 @@ for step in "$@"; do
     decode_while)   decode --backend xla,one_shot,fused --command_buffers while --runs 4 ;;
     decode_ll)      TPS=2 decode --backend xla,one_shot,one_shot_ll,fused,fused_ll --command_buffers while \
                       --runs 4 --loops jit ;;  # flags vs LL lines, same process
-    decode_l3)      MODEL=llama3-8b BATCH=1,8 TPS=2 decode --backend xla,fused,fused_ll \
+    decode_l3)      MODEL=llama3-8b BATCH=1,8 TPS=2 decode --backend xla,one_shot,fused \
                       --command_buffers while --runs 4 --loops jit ;;  # issue 5: Llama-3-8B, batch 1 and 8
     decode_b8)      BATCH=8 TPS=2 decode --backend xla,fused,fused_ll --command_buffers while \
                       --runs 4 --loops jit ;;
