@@ -115,5 +115,6 @@ def load_rows(experiment: str, root: pathlib.Path | None = None) -> list[dict[st
   rows = []
   for rec in load(experiment, root):
     meta = {k: rec[k] for k in ("path", "git_sha", "date", "device_kind", "num_devices", "config")}
+    meta["concurrent_with"] = rec.get("concurrent_with", "")  # older records predate the field
     rows.extend({**meta, **row} for row in rec["results"])
   return rows

@@ -85,13 +85,13 @@ def _matvec_section(rows):
 
 
 def _decode_section(rows):
-  cols = ["tp", "batch", "backend", "matmul", "loop", "command_buffers", "xla_collectives",
+  cols = ["model", "tp", "batch", "backend", "matmul", "loop", "command_buffers", "xla_collectives",
           "gemm", "tpot_ms_median",
           "tpot_ms_p90", "tpot_ms_p99", "tokens_per_s", "weight_gbps_per_device",
           "hbm_copy_gbps", "floor_fraction", "gpu_all_reduce_us", "all_reduce_share_of_tpot",
           "outside_compute_share",
           "cupti_total_us", "gpu_busy_fraction", "loop_in_one_graph",
-          "git_sha", "path"]
+          "concurrent_with", "git_sha", "path"]
   rows = sorted(rows, key=lambda r: (r["model"], r["tp"], r["loop"], r["command_buffers"],
                                      r["xla_collectives"], r["backend"]))
 
@@ -216,8 +216,10 @@ def _record_tp_groups(rows):
     for tp in sorted({r["tp"] for r in recs}):
       mine = [r for r in recs if r["tp"] == tp]
       head = mine[0]
+      beside = (f"; ran beside another process ({head['concurrent_with']})"
+                if head["concurrent_with"] else "")
       yield path, tp, mine, (f"### TP={tp}, {head['device_kind']} x{head['num_devices']}"
-                             f" ({path}, {head['git_sha']})")
+                             f" ({path}, {head['git_sha']}{beside})")
 
 
 def _pivot(rows, key_cols, value="loop_us"):

@@ -10,5 +10,5 @@ CUDA_VISIBLE_DEVICES=0,1 TP=2 TPS=2 SMOKE_TP=2 TPDECODE_CONCURRENT="gpus 2,3: $b
 CUDA_VISIBLE_DEVICES=2,3 TP=2 TPS=2 SMOKE_TP=2 TPDECODE_CONCURRENT="gpus 0,1: $a" \
   bash experiments/scripts/gpu_runs.sh $b > $OUT/pair_b.log 2>&1 &
 wait
-tail -25 $OUT/pair_a.log $OUT/pair_b.log
+tail -n 25 $OUT/pair_a.log $OUT/pair_b.log
 tar czf $OUT/results.tgz experiments/results
