@@ -73,7 +73,10 @@ def sharded_jit(fn: Callable[..., Any], mesh: Mesh, in_specs, out_specs,
   first output of the same per-device byte size: a (1, 2048) bf16 output took the 4 KB flags
   of a 4-rank workspace (MAX_BLOCKS=128), XLA copied the flags in front of the kernel, the
   copy overwrote flags a fast peer had already written and the kernel hung (4xH200,
-  session 8). Naming every output's sharding makes jax alias by shape instead."""
+  session 8). Naming every output's sharding makes jax alias by shape instead: each output,
+  in order, takes the first unmatched donated input of its per-rank shape and dtype, so an
+  earlier output shaped like `slots` or `flags` would still take theirs (none of this
+  package's signatures has one; tests check the model's and the kernels')."""
   mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), out_specs,

@@ -106,6 +106,28 @@ def test_decode_loop_lowers_for_cuda_with_kernels(tmp_path, tp1, backend):
   assert lowering_checks.multicast_uses(text) == []
 
 
+@pytest.mark.parametrize("backend", ["one_shot", "fused"])
+def test_donated_state_aliases_itself(tmp_path, tp1, backend):
+  """The KV cache and the workspace buffers that peers write (slots, flags) come back in their
+  own output positions in the step and loop executables (workspace.sharded_jit), so XLA
+  copies neither. jax matches donations to outputs in output order by per-rank shape, so
+  the (1,) int32 leaves (cache lengths, workspace epoch) may trade places with the (1,)
+  tokens output: harmless, no peer writes them. Checked on the CPU compile."""
+  from pallas_kernels import lowering_checks
+  dec = decoder_from_weights(tmp_path, CONFIGS["tiny"], tp1["tiny"][0], tp=4, backend=backend)
+  cache, comm = dec.new_cache(1), dec.new_comm_state(1)
+  first = jax.numpy.zeros((1,), jax.numpy.int32)
+  params = len(jax.tree.leaves(dec.state))
+  leaves = jax.tree_util.tree_flatten_with_path((cache, comm))[0]
+  # Parameters: state, cache, comm, tokens; outputs: two arrays, then cache and comm.
+  want = {params + i: 2 + i for i, (path, _) in enumerate(leaves)
+          if re.search(r"\.(k|v|slots|flags)\b", jax.tree_util.keystr(path))}
+  assert len(want) == 2 * CONFIGS["tiny"]["num_hidden_layers"] + 2  # k, v per layer; slots, flags
+  for fn in (dec.step_fn, dec.loop_fn(4, False)):
+    got = lowering_checks.aliases(fn.lower(dec.state, cache, comm, first).compile().as_text())
+    assert {p: got.get(p) for p in want} == want
+
+
 @pytest.mark.parametrize("tp", [2, 8])
 def test_fused_backend_gives_xla_tokens(tmp_path, tp1, tp):
   weights, _, tokens1 = tp1["tiny"]
