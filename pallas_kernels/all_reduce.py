@@ -37,22 +37,20 @@ _SERIAL = "serial"  # the flag poll of the records before session 7: auto runs w
 # `auto`'s choice by TP degree: (method, tiling, largest message in bytes per rank) ranges
 # in ascending order; a message takes the first range that holds it, beyond the last psum
 # (ranges may name "xla" in between). TP=2: experiments/thresholds.derive over the 2xH200
-# sweep experiments/results/allreduce/20261122T060607632282Z.json and the tiling sweep
-# .../allreduce/20261122T063028449773Z.json (docs/allreduce.md has the table; at 8 MB XLA's
-# psum cannot run inside a WHILE graph, so the kernel takes it). TP=4: derive over the 4xH200
+# sweep experiments/results/allreduce/20261122T060607632282Z.json, the tiling sweep
+# .../20261122T063028449773Z.json, the wide grids .../20261122T161502504865Z.json (64-512 KB)
+# and the bulk copies .../20261122T163818857738Z.json (1-8 MB; docs/allreduce.md has the
+# tables; at 8 MB XLA's psum cannot run inside a WHILE graph, so the kernel takes it).
+# TP=4: derive over the 4xH200
 # sweeps .../allreduce/20261122T094025976278Z.json (4-128 KB, serial flag poll),
 # .../20261122T104801796663Z.json (256 KB-8 MB) and .../20261122T112208392518Z.json (1-4 MB,
 # grids up to a block per SM); 8 MB as at TP=2. TP=8 (not measured: no such machine lent
 # yet) follows XLA's built-in NVLink kernel limits.
 THRESHOLDS: dict[int, tuple[tuple[str, common.Config | None, int], ...]] = {
-    2: (("one_shot_ll", common.Config(2, 16, _SERIAL), 64 << 10),
-        ("one_shot_ll", common.Config(4, 32, _SERIAL), 128 << 10),
-        ("one_shot", common.Config(2, 16, _SERIAL), 256 << 10),
+    2: (("one_shot_ll", common.Config(2, 16, _SERIAL), 32 << 10),
+        ("one_shot_ll", common.Config(2, 64), 256 << 10),
         ("one_shot", common.Config(8, 32, _SERIAL), 512 << 10),
-        ("xla", None, 1 << 20),
-        ("one_shot", common.Config(8, 32, _SERIAL), 2 << 20),
-        ("xla", None, 4 << 20),
-        ("one_shot", common.Config(8, 32, _SERIAL), 8 << 20)),
+        ("one_shot", common.Config(4, 128, transport="tma"), 8 << 20)),
     4: (("one_shot_ll", common.Config(2, 16, _SERIAL), 64 << 10),
         ("one_shot", common.Config(2, 16, _SERIAL), 128 << 10),
         ("one_shot", common.Config(4, 32), 256 << 10),

@@ -305,7 +305,8 @@ def test_workspace_copies_found_in_optimized_hlo():
 
 
 @pytest.mark.parametrize("n, names", [
-    (2, ("20261122T060607632282Z", "20261122T063028449773Z")), (4, ("20261122T094025976278Z", "20261122T104801796663Z", "20261122T112208392518Z"))])
+    (2, ("20261122T060607632282Z", "20261122T063028449773Z", "20261122T161502504865Z",
+         "20261122T163818857738Z")), (4, ("20261122T094025976278Z", "20261122T104801796663Z", "20261122T112208392518Z"))])
 def test_auto_ranges_are_derived_from_the_records_they_cite(n, names):
   """THRESHOLDS[n] is what experiments/thresholds.derive gives on the records its comment names."""
   import json
