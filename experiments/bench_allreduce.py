@@ -72,6 +72,7 @@ CHAIN = 16
 MEASURES = ("loop_us", "loop_device_us", "clock_error", "single_us", "error",
             "workspace_copies", "kernel_us", "other_kernel_us", "max_rel_err", "ranks_equal")
 FUSED = {"fused": "flags", "fused_ll": "ll"}  # add_norm impl -> fused_add_norm protocol
+BARE = {"bare_one_shot": "one_shot"}  # add_norm impl -> the all-reduce alone, no add or norm
 KERNELS = ("one_shot", "one_shot_ll", "two_shot")  # the pallas methods that take a tiling
 FLAVOURS = {  # child -> (XLA collectives mode, command buffers, implementations per op)
     "psum_default": ("default", "while", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
@@ -79,7 +80,7 @@ FLAVOURS = {  # child -> (XLA collectives mode, command buffers, implementations
     "psum_xla_one_shot": ("one_shot", "while", {"all_reduce": ["xla"], "add_norm": ["xla"]}),
     "pallas": ("default", "while", {"all_reduce": ["one_shot", "one_shot_ll", "two_shot", "auto"],
                                     "add_norm": ["one_shot", "one_shot_ll", "fused",
-                                                 "fused_ll"]}),
+                                                 "fused_ll", *BARE]}),
 }
 
 
@@ -173,6 +174,26 @@ def _check(y, x, n: int) -> dict:
           "ranks_equal": bool((got == got[:1]).all())}
 
 
+def _add_norm_op(impl: str, cfg, weight, n: int):
+  """One step on the carry (partial, residual): a fused kernel, an all-reduce then XLA's add
+  and norm, or (BARE) the all-reduce alone, rescaled by 1/n, the fused kernel's yardstick."""
+  from models.collectives import BACKENDS, fused_backend
+  from pallas_kernels import all_reduce
+
+  if impl in BARE:
+    def bare(carry, ws):
+      x, r = carry
+      y, ws = all_reduce.all_reduce(x[:, 0], ws, "tp", BARE[impl], cfg)
+      return ((y * (1.0 / n)).astype(y.dtype)[:, None], r), ws
+    return bare
+  backend = fused_backend(FUSED[impl], cfg) if impl in FUSED else BACKENDS[impl]
+
+  def op(carry, ws):
+    x, r, ws = backend.reduce_add_norm(*carry, weight, 1e-5, "tp", ws)
+    return (x, r), ws
+  return op
+
+
 def run_child(flavour: str, out_path: str):
   collectives, command_buffers, impls_by_op = FLAVOURS[flavour]
   xla_env.apply(command_buffers, collectives,
@@ -184,7 +205,7 @@ def run_child(flavour: str, out_path: str):
   from jax.sharding import PartitionSpec as P
 
   from experiments import cupti, device_clock
-  from models.collectives import BACKENDS, fused_backend, workspace_capacity
+  from models.collectives import workspace_capacity
   from models.sharding import make_mesh
   from pallas_kernels import all_reduce, common, lowering_checks, workspace
 
@@ -204,7 +225,7 @@ def run_child(flavour: str, out_path: str):
   for tokens, hidden, nbytes in _cases(n):
     for impl, cfg in variants:
       kernel_ok = tokens <= all_reduce.MAX_TOKENS and hidden <= all_reduce.MAX_HIDDEN
-      if impl in KERNELS and not kernel_ok:
+      if (impl in KERNELS or impl in BARE) and not kernel_ok:
         continue
       tag = (("" if cfg == fused_configs[0] else f"[b{cfg.max_blocks}{_options(cfg)}]")
              if impl in FUSED else "" if cfg == configs[0] else _tiling(cfg))
@@ -228,12 +249,7 @@ def run_child(flavour: str, out_path: str):
       w = jnp.ones((hidden,), jnp.bfloat16)
 
       if _OP.value == "add_norm":  # carry (partial, residual): the normed output feeds on
-        backend = fused_backend(FUSED[impl], cfg) if impl in FUSED else BACKENDS[impl]
-
-        def op(carry, ws):
-          (x, r) = carry
-          x, r, ws = backend.reduce_add_norm(x, r, w, 1e-5, "tp", ws)
-          return (x, r), ws
+        op = _add_norm_op(impl, cfg, w, n)
         carry = (jax.random.normal(jax.random.key(nbytes), (n * tokens, 1, hidden), jnp.bfloat16),
                  jax.random.normal(jax.random.key(1), (n * tokens, 1, hidden), jnp.bfloat16))
       else:  # rescaled by 1/n so that a chain of sums stays finite

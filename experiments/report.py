@@ -417,8 +417,9 @@ def _add_norm_section(rows):
            " protocol, `[bN]`: grid capped at N blocks); ratios use the fastest of them. Goals"
            " (issue):"
            " fused >= 3x faster than psum_nccl and >= 1.5x than psum_default at 1-16 tokens,"
-           " and at most 1.2x our bare one-shot all-reduce of the same bytes (from the newest"
-           " all-reduce record, another process)."]
+           " and at most 1.2x our bare one-shot all-reduce of the same bytes (`bare_one_shot`, in"
+           " the same run; in records without it, the newest all-reduce record's, another"
+           " process)."]
   for path, tp, mine, heading in _record_tp_groups(rows):
     pivot, impls = _pivot(mine, ["hidden", "tokens"])
     for row in pivot:  # the fastest single-kernel variant (protocol, grid cap) of this shape
@@ -428,8 +429,9 @@ def _add_norm_section(rows):
       fused = kernels.get(row["best fused"])
       row["psum_nccl / fused"] = _ratio(row.get("psum_nccl"), fused)
       row["psum_default / fused"] = _ratio(row.get("psum_default"), fused)
-      one = bare.get((tp, row["hidden"] * row["tokens"] * 2))
-      row["fused / bare one_shot"] = _ratio(fused, one and one["loop_us"])
+      one = bare.get((tp, row["hidden"] * row["tokens"] * 2))  # another process
+      row["fused / bare one_shot"] = _ratio(fused, row.get("bare_one_shot")
+                                            or (one and one["loop_us"]))
 
     def draw(ax, mine=mine, tp=tp):
       for impl, hidden in sorted({(r["impl"], r["hidden"]) for r in mine}):

@@ -41,7 +41,7 @@ def test_bench_allreduce(tmp_path):
 def test_bench_allreduce_add_norm(tmp_path):
   rows = _run(tmp_path, "bench_allreduce", "--tp=2", "--op=add_norm", "--tokens=1,4",
               "--hidden=4096", "--iters=2", "--runs=2", "--flavours=pallas")
-  impls = ("fused", "fused_ll", "one_shot", "one_shot_ll")
+  impls = ("bare_one_shot", "fused", "fused_ll", "one_shot", "one_shot_ll")
   assert sorted((r["impl"], r["tokens"]) for r in rows) == [(i, t) for i in impls for t in (1, 4)]
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU-machine runs, by name, each sized for one device call (< 10 min):
 #   bash experiments/scripts/gpu_runs.sh STEP [STEP ...]
+# A `NAME=value` argument sets that variable for the steps after it, e.g.
+#   gpu_runs.sh MODEL=llama3-8b BATCH=1,8 CB=off e2e CB=default e2e
 # Records land in experiments/results/ and are tarred to $OUT/results.tgz after every step.
 # Steps that load SmolLM2 need .carry_a and .carry_b (the wheel in two parts, see gpu_env.sh).
 source experiments/scripts/gpu_env.sh
@@ -20,6 +22,7 @@ trap "kill $! 2>/dev/null" EXIT
 for step in "$@"; do
   echo "=== $step"
   case $step in
+    *=*)            export "$step"; continue ;;
     tests)          TEST_TIMEOUT=420 bash experiments/scripts/gpu_tests.sh -m gpu tests ;;
     tests_comm)     TEST_LOG=comm TEST_TIMEOUT=500 bash experiments/scripts/gpu_tests.sh -m gpu \
                       tests/test_gpu_all_reduce.py tests/test_gpu_fused.py ;;
@@ -100,6 +103,8 @@ for step in "$@"; do
     decode_default) decode --backend xla,fused --command_buffers default --runs 4 ;;
     graph_default)  TPS=${TPS:-2,4} decode --backend xla,one_shot_ll,fused --command_buffers default \
                       --runs 4 --loops jit ;;  # the same configurations as `graph`, default graphs
+    e2e)            decode --backend "${BACKENDS:-xla,one_shot,fused}" --command_buffers "${CB:-while}" \
+                      --runs 4 ${NCCL:+--xla_collectives nccl} ;;  # issue 5's matrix: MODEL BATCH TPS CB NCCL
     decode_nccl)    TPS=2 decode --backend xla --xla_collectives nccl --runs 4 ;;  # NCCL: no WHILE graph
     decode_off)     decode --backend xla,fused --command_buffers off --profile --cupti --runs 4 ;;
     matrix)         for args in "--command_buffers off --profile" "--command_buffers default" \
