@@ -32,6 +32,7 @@ instantiated) is recorded with its `error` and the sweep goes on.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -174,17 +175,23 @@ def _check(y, x, n: int) -> dict:
           "ranks_equal": bool((got == got[:1]).all())}
 
 
+def _rescaled_all_reduce(y, ws, method: str, cfg, n: int):
+  """The all-reduce op: rescaled by 1/n so that a chain of sums stays finite."""
+  from pallas_kernels import all_reduce
+  y, ws = all_reduce.all_reduce(y, ws, "tp", method, cfg if method in KERNELS else None)
+  return (y * (1.0 / n)).astype(y.dtype), ws
+
+
 def _add_norm_op(impl: str, cfg, weight, n: int):
   """One step on the carry (partial, residual): a fused kernel, an all-reduce then XLA's add
-  and norm, or (BARE) the all-reduce alone, rescaled by 1/n, the fused kernel's yardstick."""
+  and norm, or (BARE) the all-reduce alone, the fused kernel's yardstick."""
   from models.collectives import BACKENDS, fused_backend
-  from pallas_kernels import all_reduce
 
   if impl in BARE:
     def bare(carry, ws):
       x, r = carry
-      y, ws = all_reduce.all_reduce(x[:, 0], ws, "tp", BARE[impl], cfg)
-      return ((y * (1.0 / n)).astype(y.dtype)[:, None], r), ws
+      y, ws = _rescaled_all_reduce(x[:, 0], ws, BARE[impl], cfg, n)
+      return (y[:, None], r), ws
     return bare
   backend = fused_backend(FUSED[impl], cfg) if impl in FUSED else BACKENDS[impl]
 
@@ -207,7 +214,7 @@ def run_child(flavour: str, out_path: str):
   from experiments import cupti, device_clock
   from models.collectives import workspace_capacity
   from models.sharding import make_mesh
-  from pallas_kernels import all_reduce, common, lowering_checks, workspace
+  from pallas_kernels import all_reduce, lowering_checks, workspace
 
   n = _TP.value
   _apply_thresholds()
@@ -252,10 +259,8 @@ def run_child(flavour: str, out_path: str):
         op = _add_norm_op(impl, cfg, w, n)
         carry = (jax.random.normal(jax.random.key(nbytes), (n * tokens, 1, hidden), jnp.bfloat16),
                  jax.random.normal(jax.random.key(1), (n * tokens, 1, hidden), jnp.bfloat16))
-      else:  # rescaled by 1/n so that a chain of sums stays finite
-        def op(y, ws):
-          y, ws = all_reduce.all_reduce(y, ws, "tp", impl, cfg if impl in KERNELS else None)
-          return (y * (1.0 / n)).astype(y.dtype), ws
+      else:
+        op = functools.partial(_rescaled_all_reduce, method=impl, cfg=cfg, n=n)
         carry = jax.random.normal(jax.random.key(nbytes), (n * tokens, hidden), jnp.bfloat16)
 
       def chain(carry, ws, stamped=True):

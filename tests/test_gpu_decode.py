@@ -25,23 +25,25 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about GPUs.",
 BF16_TIE = 0.5  # logits; measured gaps: at most 0.07 on the CPU, 0 on 2xH200 (TP=1 and 2)
 
 
-@functools.cache  # each configuration once per session: the xla reference serves every backend
-def _generate(tp, loop, backend="xla", dtype=jnp.float32):
+def _decoder(tp, backend="xla", dtype=jnp.float32):
+  """(tokenizer, decoder, chat-formatted PROMPTS) for SmolLM2 at TP=tp."""
   mesh = make_mesh(tp)
   config, graphdef, state, ckpt = factory.build("smollm2-135m", mesh, dtype=dtype)
   tok = Tokenizer(ckpt)
   decoder = Decoder(config, graphdef, state, mesh, backend=backend, max_len=128)
-  ids = [tok.chat(p) for p in PROMPTS]
+  return tok, decoder, [tok.chat(p) for p in PROMPTS]
+
+
+@functools.cache  # each configuration once per session: the xla reference serves every backend
+def _generate(tp, loop, backend="xla", dtype=jnp.float32):
+  tok, decoder, ids = _decoder(tp, backend, dtype)
   return tok, decoder.generate(ids, 48, loop=loop).tokens
 
 
 def _forced_gaps(tp, dtype, tokens):
   """(top logit - logit of tokens[r, k]) at every step k before row r's EOS, with the prompt
   plus tokens[r, :k] prefilled (one bucket, one executable)."""
-  mesh = make_mesh(tp)
-  config, graphdef, state, ckpt = factory.build("smollm2-135m", mesh, dtype=dtype)
-  decoder = Decoder(config, graphdef, state, mesh, backend="xla", max_len=128)
-  ids = [Tokenizer(ckpt).chat(p) for p in PROMPTS]
+  _, decoder, ids = _decoder(tp, dtype=dtype)
   bucket = max(map(len, ids)) + tokens.shape[1]
   gaps = []
   for k in range(tokens.shape[1]):
@@ -50,7 +52,7 @@ def _forced_gaps(tp, dtype, tokens):
                                                     for r, p in enumerate(ids)], bucket)
     logits = np.asarray(logits, np.float32)
     gaps.append(logits.max(-1) - logits[np.arange(len(ids)), tokens[:, k]])
-  eos = tokens == config.eos_token_id
+  eos = tokens == decoder.config.eos_token_id
   return np.stack(gaps, 1)[np.cumsum(eos, 1) - eos == 0]
 
 
