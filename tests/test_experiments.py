@@ -285,3 +285,38 @@ def test_outside_compute_share():
   assert profiling.outside_compute_share(row) == pytest.approx(1 - 3000.0 / 4000.0)
   assert profiling.outside_compute_share({**row, "cupti_matmul_us": 0.0, "gpu_matmul_us": 0.0}) is None
   assert profiling.outside_compute_share({**row, "tpot_ms_median": 2.0}) == 0.0  # kernels fill it
+
+
+def _decode_row(path, date, backend, cb, tpot, coll="default", tp=2):
+  return {"path": path, "date": date, "git_sha": "s", "model": "llama2-7b", "batch": 1, "tp": tp,
+          "gemm": "default", "matmul": "xla", "loop": "jit", "backend": backend,
+          "command_buffers": cb, "xla_collectives": coll, "tpot_ms_median": tpot,
+          "hbm_floor_ms": 1.0, "device_kind": "NVIDIA H200"}
+
+
+def test_report_goals_pair_rows_of_one_process_first(monkeypatch):
+  """Issue 5's goal rows: a same-record pair beats a newer cross-record one; verdicts follow
+  the thresholds; the kernel rows take the newest add_norm record, shape by shape."""
+  from experiments import report
+
+  add_norm = [{"path": p, "tp": 2, "tokens": t, "hidden": 4096, "impl": impl, "loop_us": us}
+              for p, rows in [("add_norm/1.json", {"fused": 10.0, "psum_nccl": 20.0}),
+                              ("add_norm/2.json", {"fused": 8.0, "psum_nccl": 28.0,
+                                                   "psum_default": 12.0, "bare_one_shot": 9.0})]
+              for impl, us in rows.items() for t in (1, 16)]
+  monkeypatch.setattr(report.records, "load_rows", lambda name, root=None: add_norm
+                      if name == "add_norm" else [])
+  jit = [_decode_row("a", "2026-11-22T10:00", "xla", "default", 4.0, "nccl"),
+         _decode_row("a", "2026-11-22T10:00", "fused", "default", 2.8),
+         _decode_row("b", "2026-11-22T12:00", "fused", "default", 3.5),
+         _decode_row("c", "2026-11-22T12:00", "xla", "default", 4.0),
+         _decode_row("c", "2026-11-22T12:00", "fused", "default", 3.5),
+         _decode_row("d", "2026-11-22T13:00", "fused", "while", 3.4)]
+  text = report._decode_goals(jit)
+  assert "| fused >= 3x faster than psum_nccl + add + norm, 1-16 tokens, TP=2 | 3.50-3.50x" in text
+  assert "| 2 of 2 shapes | add_norm/2.json |" in text
+  assert "fused at most 1.2x our bare one_shot all-reduce, 1-16 tokens, TP=2 | 0.89-0.89x" in text
+  assert "| fused >= 27% below xla over NCCL, TP=2 | -30.0% (cb=default) | yes | a, a |" in text
+  assert "| fused >= 15% below xla, default collectives, TP=2 | -12.5% (cb=default) | no | c, c |" in text
+  assert "-2.9% (fused, two processes) | no | b, d |" in text  # newest pair across records
+  assert "| TPOT within 1.3x of the HBM floor, TP=2 | 3.40x (fused, cb=while) | no | d |" in text
