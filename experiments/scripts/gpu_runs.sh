@@ -104,7 +104,8 @@ for step in "$@"; do
     graph_default)  TPS=${TPS:-2,4} decode --backend xla,one_shot_ll,fused --command_buffers default \
                       --runs 4 --loops jit ;;  # the same configurations as `graph`, default graphs
     e2e)            decode --backend "${BACKENDS:-xla,one_shot,fused}" --command_buffers "${CB:-while}" \
-                      --runs 4 ${NCCL:+--xla_collectives nccl} ;;  # issue 5's matrix: MODEL BATCH TPS CB NCCL
+                      --runs 4 ${NCCL:+--xla_collectives nccl} ${LOOPS:+--loops $LOOPS} \
+                      ${PROFILE:+--profile --cupti} ;;  # issue 5's matrix: MODEL BATCH TPS CB NCCL LOOPS PROFILE
     decode_nccl)    TPS=2 decode --backend xla --xla_collectives nccl --runs 4 ;;  # NCCL: no WHILE graph
     decode_off)     decode --backend xla,fused --command_buffers off --profile --cupti --runs 4 ;;
     matrix)         for args in "--command_buffers off --profile" "--command_buffers default" \
