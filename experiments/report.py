@@ -191,7 +191,7 @@ def _claims_section(rows):
             and (r.get("outside_compute_share") is not None or r.get("all_reduce_share_of_tpot"))]
   for r in _newest(shares, lambda r: (r["model"], r["batch"], r["tp"], r["xla_collectives"],
                                       r["command_buffers"])):
-    where = (f"{r['model']}, TP={r['tp']}, psum={r['xla_collectives']},"
+    where = (f"{r['model']}, batch {r['batch']}, TP={r['tp']}, psum={r['xla_collectives']},"
              f" cb={r['command_buffers']}; {'CUPTI' if r.get('cupti_matmul_us') else 'trace'}")
     ours = (f"{r['outside_compute_share']:.1%} of the step outside compute kernels"
             if r.get("outside_compute_share") is not None else
