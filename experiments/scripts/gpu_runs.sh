@@ -107,7 +107,7 @@ for step in "$@"; do
                       --runs 4 ${NCCL:+--xla_collectives nccl} ${LOOPS:+--loops $LOOPS} \
                       ${PROFILE:+--profile --cupti} ;;  # issue 5's matrix: MODEL BATCH TPS CB NCCL LOOPS PROFILE
     decode_nccl)    TPS=2 decode --backend xla --xla_collectives nccl --runs 4 ;;  # NCCL: no WHILE graph
-    decode_off)     decode --backend xla,fused --command_buffers off --profile --cupti --runs 4 ;;
+    decode_off)     CB=off BACKENDS=xla,fused PROFILE=1 bash "$0" e2e ;;  # graphs off, profiled
     matrix)         for args in "--command_buffers off --profile" "--command_buffers default" \
                                 "--xla_collectives nccl"; do  # issue 3's matrix, both loops, xla
                       DECODE_TIMEOUT=190 TPS=${TPS:-4} decode --backend xla --runs 4 $args; done ;;
